@@ -1,0 +1,175 @@
+"""The sweep's typed config: `ExperimentConfig` plus the sweep section, loaded from YAML with `--set` overrides and
+validated completely before any work starts. Errors are one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+
+from trainable.config import ExperimentConfig, Section, yaml_load
+
+
+class ConfigError(ValueError):
+    """A bad config: one line naming the file and the key."""
+
+
+class SchedulerSection(Section):
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: PositiveInt = 1  # epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class ResourcesSection(Section):
+    cpu: float = Field(1.0, gt=0.0)  # per trial
+    gpu: float = Field(0.0, ge=0.0)  # per trial: 0.25 packs four students on one GPU
+    gpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of refusing
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResourcesSection":
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"gpu: a trial asking for more than one GPU must ask for a whole number, got {self.gpu}")
+        return self
+
+
+class SweepSection(Section):
+    space: Optional[str | dict] = None  # a search-space YAML (path, relative to this config) or one inline
+    searcher: Literal["tpe", "random", "grid", "qmc"] = "tpe"
+    objectives: Literal["accuracy", "accuracy_and_size"] = "accuracy"  # the second: val_acc up, params down
+    seed: int = 0
+    num_samples: Optional[PositiveInt] = None  # None: 16, or the grid's size for a grid search
+    max_concurrent: PositiveInt = 2
+    scheduler: SchedulerSection = SchedulerSection()
+    resources: ResourcesSection = ResourcesSection()
+    max_failures: NonNegativeInt = 1  # retries of a trial whose process died (not of one that raised)
+    keep_checkpoints: PositiveInt = 2
+    address: Optional[str] = None  # an existing Ray cluster; None: local Ray on 127.0.0.1
+    dashboard: bool = False
+
+
+class Config(ExperimentConfig):
+    sweep: SweepSection = SweepSection()
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings -> {dotted key: YAML-parsed value}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value, e.g. train.epochs=3")
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = yaml_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: expected UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML ({problem})") from None
+
+
+def format_validation_error(origin: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"{origin}: {key}: unknown key"
+    if e["type"] == "missing":
+        return f"{origin}: {key}: required key is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: {key}: {msg}{got_s}"
+
+
+def validate(raw: dict, origin: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(origin, e)) from None
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The config file as a dict with overrides applied. A bare search-space file (top-level `parameters`) is
+    taken as `sweep.space` of an otherwise default config. Relative `sweep.space` paths are made absolute."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {type(raw).__name__}")
+    if "parameters" in raw or "fixed" in raw:
+        raw = {"sweep": {"space": str(path.resolve())}}
+    raw = copy.deepcopy(raw)
+    space = (raw.get("sweep") or {}).get("space") if isinstance(raw.get("sweep"), dict) else None
+    if isinstance(space, str) and not Path(space).is_absolute():
+        raw["sweep"]["space"] = str((path.parent / space).resolve())
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    raw = load_raw(path, overrides)
+    return validate(raw, str(path)), raw
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A new config with {dotted key: value} applied and validated (raises ConfigError naming the key)."""
+    raw = cfg.model_dump()
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return validate(raw, "trial")
+
+
+def load_space_for(cfg: Config):
+    """The sweep's search space, every bound and choice checked against the config's rules; None if no space."""
+    from search_spaces import load_space
+
+    if cfg.sweep.space is None:
+        return None
+
+    def check(overrides: dict[str, Any]) -> Optional[str]:
+        try:
+            apply_overrides(cfg, overrides)
+        except ConfigError as e:
+            return str(e).removeprefix("trial: ")
+        return None
+
+    space = load_space(cfg.sweep.space, check)
+    if cfg.sweep.searcher == "grid" and not space.is_grid:
+        bad = next(n for n, p in space.params.items() if p.type != "categorical" or p.when is not None)
+        raise ConfigError(f"{space.origin}: parameter {bad}: a grid search needs unconditional categorical "
+                          f"parameters only (sweep.searcher is 'grid')")
+    return space
+
+
+def student_vocab_sizes(cfg: Config) -> list[int]:
+    space = load_space_for(cfg)
+    sizes = space.values_of("tokenizer.vocab_size") if space is not None else []
+    return sorted(set(sizes or [cfg.tokenizer.vocab_size]))

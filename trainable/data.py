@@ -1,0 +1,370 @@
+"""Corpus loading, splitting, the student's WordPiece tokenizer and the encoded-data cache.
+
+    corpus files (NSMC TSV, or CSV/TSV/Parquet with named columns)
+      -> Table (ids, texts, labels) per split; validation carved from train with a fixed seed
+      -> tokenizer.json (WordPiece, trained on the training split)
+      -> encoded splits (flat int32 tokens + offsets), cached as Parquet keyed by (data, tokenizer, max length)
+
+Bad data raises `DataError` with one line naming the file, the line or column, and what was expected.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import NSMC_URL, DataConfig, TokenizerConfig
+from .io import atomic_path, sha256_file, sha256_json
+
+Log = Callable[[str], None]
+NSMC_ROWS = {"ratings_train.txt": 150_000, "ratings_test.txt": 50_000}
+PAD, UNK = 0, 1
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class Table:
+    ids: np.ndarray  # (N,) int64 row ids
+    texts: list[str]
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, idx: np.ndarray) -> "Table":
+        return Table(self.ids[idx], [self.texts[i] for i in idx], self.labels[idx])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: Table
+    val: Table
+    test: Table
+    key: str  # hash of the file contents and every setting that shaped the splits
+    files: tuple[str, str]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and the line number of the first row of a CSV/TSV file (UTF-8, strict)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: expected UTF-8 text, found undecodable byte 0x{raw[e.start]:02x}") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; expected a header line and at least one row")
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+    else:
+        # NSMC is tab-separated with literal quotes inside reviews: split on tabs, never interpret quotes.
+        rows = [line.split("\t") for line in text.split("\n")]
+        if rows and rows[-1] == [""]:
+            rows.pop()
+        rows = [[c.rstrip("\r") for c in r] for r in rows]
+    return rows[0], rows[1:], 2
+
+
+def read_table(path: str | Path, cfg: DataConfig) -> Table:
+    """Read one split. Empty documents are kept as empty strings (the student sees a single [UNK])."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    wanted = [cfg.text_column, cfg.label_column] + ([cfg.id_column] if cfg.id_column else [])
+    if path.suffix.lower() == ".parquet":
+        try:
+            tbl = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        for col in wanted:
+            if col not in tbl.column_names:
+                raise DataError(f"{path}: missing column '{col}'; found {tbl.column_names}")
+        if tbl.num_rows == 0:
+            raise DataError(f"{path}: the file has no rows")
+        texts = ["" if t is None else str(t) for t in tbl.column(cfg.text_column).to_pylist()]
+        raw_labels = tbl.column(cfg.label_column).to_pylist()
+        raw_ids = tbl.column(cfg.id_column).to_pylist() if cfg.id_column else None
+        first_line = 1
+        labels = [_label(path, first_line + i, v, cfg.num_classes, "row") for i, v in enumerate(raw_labels)]
+    else:
+        header, rows, first_line = _read_rows(path)
+        header = [h.strip() for h in header]
+        cols = {}
+        for col in wanted:
+            if col not in header:
+                raise DataError(f"{path}:1: missing column '{col}' in header; found {header}")
+            cols[col] = header.index(col)
+        if not rows:
+            raise DataError(f"{path}: the file has a header but no rows")
+        width = max(cols.values()) + 1
+        texts, labels, raw_ids = [], [], [] if cfg.id_column else None
+        for i, r in enumerate(rows):
+            line = first_line + i
+            if len(r) < width:
+                raise DataError(f"{path}:{line}: expected {len(header)} fields, found {len(r)}")
+            texts.append(r[cols[cfg.text_column]])
+            labels.append(_label(path, line, r[cols[cfg.label_column]], cfg.num_classes, "line"))
+            if raw_ids is not None:
+                raw_ids.append(r[cols[cfg.id_column]])
+    if raw_ids is None:
+        ids = np.arange(len(texts), dtype=np.int64)
+    else:
+        try:
+            ids = np.asarray([int(x) for x in raw_ids], dtype=np.int64)
+        except (TypeError, ValueError):
+            ids = np.arange(len(texts), dtype=np.int64)  # non-numeric ids: fall back to row numbers
+    return Table(ids, texts, np.asarray(labels, dtype=np.int64))
+
+
+def _label(path: Path, line: int, value: object, num_classes: int, unit: str) -> int:
+    try:
+        label = int(str(value).strip())
+        if 0 <= label < num_classes:
+            return label
+    except ValueError:
+        pass
+    where = f"{path}:{line}" if unit == "line" else f"{path}: row {line}"
+    raise DataError(f"{where}: expected a label in {list(range(num_classes))}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- getting the files
+
+
+def download_nsmc(url: str, dest: Path, files: tuple[str, ...], log: Log, expected_rows: dict | None = None) -> None:
+    """Download the corpus files into `dest`, check header, row count and labels, then rename into place.
+
+    Nothing is left in `dest` unless every file passed its checks.
+    """
+    if expected_rows is None:
+        expected_rows = NSMC_ROWS if url == NSMC_URL else {}
+    dest.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name in files:
+            src = url.rstrip("/") + "/" + name
+            log(f"downloading {src}")
+            tmp = dest / f".{name}.download"
+            try:
+                with urllib.request.urlopen(src, timeout=60) as resp, open(tmp, "wb") as out:
+                    shutil.copyfileobj(resp, out)
+            except (urllib.error.URLError, OSError) as e:
+                raise DataError(f"{src}: download failed ({e}); put the files in {dest} by hand or fix data.url")
+            header, rows, first = _read_rows(tmp)
+            if [h.strip() for h in header] != ["id", "document", "label"]:
+                raise DataError(f"{src}:1: expected the NSMC header 'id<TAB>document<TAB>label', got {header}")
+            want = expected_rows.get(name)
+            if want is not None and len(rows) != want:
+                raise DataError(f"{src}: expected {want} rows, got {len(rows)}")
+            for i, r in enumerate(rows):
+                if len(r) != 3 or r[2] not in ("0", "1"):
+                    raise DataError(f"{src}:{first + i}: expected 'id<TAB>document<TAB>label' with label 0 or 1")
+            staged.append((tmp, dest / name))
+        for tmp, final in staged:
+            tmp.replace(final)
+            log(f"wrote {final} ({final.stat().st_size / 1e6:.1f} MB)")
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for name in files:
+            (dest / f".{name}.download").unlink(missing_ok=True)
+
+
+def locate_files(cfg: DataConfig, log: Log, download: bool = True) -> tuple[Path, Path]:
+    """The train and test files: from the first mirror that has both, else `dir`, downloading there if allowed."""
+    for folder in [*cfg.mirrors, cfg.dir]:
+        train, test = Path(folder) / cfg.train_file, Path(folder) / cfg.test_file
+        if train.is_file() and test.is_file():
+            return train, test
+    folder = Path(cfg.dir)
+    if not (download and cfg.download):
+        missing = folder / cfg.train_file
+        raise DataError(f"{missing}: file not found (data.download is off; looked in {[*cfg.mirrors, cfg.dir]})")
+    missing = tuple(n for n in (cfg.train_file, cfg.test_file) if not (folder / n).is_file())
+    log(f"corpus not found in {[*cfg.mirrors, cfg.dir]}; downloading into {folder}")
+    download_nsmc(cfg.url, folder, missing, log)
+    return folder / cfg.train_file, folder / cfg.test_file
+
+
+def load_corpus(cfg: DataConfig, log: Log = print, download: bool = True) -> Corpus:
+    """Read train and test, take the configured subsets, carve validation from train with `cfg.seed`."""
+    train_path, test_path = locate_files(cfg, log, download)
+    full_train = read_table(train_path, cfg)
+    test = read_table(test_path, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.train_rows is not None and cfg.train_rows < len(full_train):
+        full_train = full_train.take(np.sort(rng.choice(len(full_train), cfg.train_rows, replace=False)))
+    if cfg.test_rows is not None and cfg.test_rows < len(test):
+        test = test.take(np.sort(rng.choice(len(test), cfg.test_rows, replace=False)))
+    perm = np.random.default_rng(cfg.seed + 1).permutation(len(full_train))
+    n_val = max(1, int(round(len(full_train) * cfg.val_fraction)))
+    if n_val >= len(full_train):
+        raise DataError(f"{train_path}: {len(full_train)} rows is too few to carve a validation split")
+    val, train = full_train.take(np.sort(perm[:n_val])), full_train.take(np.sort(perm[n_val:]))
+    settings = cfg.model_dump(exclude={"dir", "mirrors", "download", "url"})
+    key = sha256_json({"train": sha256_file(train_path), "test": sha256_file(test_path), "cfg": settings})
+    log(f"data: train {len(train)}, validation {len(val)}, test {len(test)} rows from {train_path.parent}")
+    return Corpus(train, val, test, key[:16], (str(train_path), str(test_path)))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_wordpiece(texts: list[str], vocab_size: int, min_frequency: int = 2, limit_alphabet: int = 1500):
+    """A WordPiece tokenizer (NFKC, whitespace pre-tokenizer) trained on `texts`; [PAD] is id 0, [UNK] id 1."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=limit_alphabet,
+        special_tokens=SPECIAL_TOKENS, show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def tokenizer_path(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, vocab_size: int | None = None) -> Path:
+    vocab = vocab_size or cfg.vocab_size
+    key = sha256_json({"data": corpus.key, "vocab": vocab, "min_freq": cfg.min_frequency, "alpha": cfg.limit_alphabet})
+    return Path(cache_dir) / "tokenizers" / f"wordpiece-{vocab}-{key[:12]}.json"
+
+
+def get_tokenizer(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, log: Log = print,
+                  vocab_size: int | None = None) -> Path:
+    """The cached tokenizer.json for this training split and vocab size, trained if missing."""
+    path = tokenizer_path(corpus, cfg, cache_dir, vocab_size)
+    if path.is_file():
+        return path
+    vocab = vocab_size or cfg.vocab_size
+    log(f"training WordPiece tokenizer (vocab {vocab}) on {len(corpus.train)} reviews")
+    tok = train_wordpiece(corpus.train.texts, vocab, cfg.min_frequency, cfg.limit_alphabet)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
+    return path
+
+
+# ----------------------------------------------------------------------------- encoded data
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """A split as flat int32 token ids plus offsets: compact, zero-copy through Ray's object store."""
+
+    ids: np.ndarray  # (N,) int64 row ids
+    labels: np.ndarray  # (N,) int64
+    tokens: np.ndarray  # (sum of lengths,) int32
+    offsets: np.ndarray  # (N + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def padded(self, max_len: int | None = None) -> np.ndarray:
+        """(N, max_len) int64, right-padded with PAD."""
+        lengths = self.lengths
+        width = int(lengths.max()) if max_len is None else max_len
+        out = np.full((len(self), width), PAD, dtype=np.int64)
+        mask = np.arange(width)[None, :] < np.minimum(lengths, width)[:, None]
+        row_start = self.offsets[:-1]
+        cols = np.nonzero(mask)
+        out[cols] = self.tokens[row_start[cols[0]] + cols[1]]
+        return out
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    train: EncodedSplit
+    val: EncodedSplit
+    test: EncodedSplit
+    vocab_size: int
+    tokenizer_file: str
+    key: str
+
+
+def encode_texts(tok, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat tokens and offsets; an empty review becomes a single [UNK] so every sequence has length >= 1."""
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    seqs = [e.ids[:max_length] or [UNK] for e in encs]
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return tokens, offsets
+
+
+def _write_split(path: Path, splits: dict[str, tuple[Table, np.ndarray, np.ndarray]], meta: dict) -> None:
+    arrays = {"split": [], "row_id": [], "label": [], "tokens": []}
+    for name, (table, tokens, offsets) in splits.items():
+        arrays["split"] += [name] * len(table)
+        arrays["row_id"].append(table.ids)
+        arrays["label"].append(table.labels)
+        arrays["tokens"].append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)))
+    tbl = pa.table({
+        "split": pa.array(arrays["split"], pa.string()),
+        "row_id": pa.array(np.concatenate(arrays["row_id"])),
+        "label": pa.array(np.concatenate(arrays["label"])),
+        "tokens": pa.concat_arrays(arrays["tokens"]),
+    }).replace_schema_metadata({k: str(v) for k, v in meta.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(tbl, tmp)
+
+
+def _read_split(tbl: pa.Table, name: str) -> EncodedSplit:
+    import pyarrow.compute as pc
+
+    part = tbl.filter(pc.equal(tbl.column("split"), name))
+    lists = part.column("tokens").combine_chunks()
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    tokens = np.asarray(lists.values, dtype=np.int32)
+    offsets = offsets - offsets[0]
+    return EncodedSplit(
+        part.column("row_id").to_numpy().astype(np.int64), part.column("label").to_numpy().astype(np.int64),
+        tokens[: offsets[-1]].copy(), offsets,
+    )
+
+
+def encode_corpus(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, log: Log = print,
+                  vocab_size: int | None = None) -> EncodedData:
+    """Encoded train/val/test for the student, from the cache when (data, tokenizer, max length) match."""
+    from tokenizers import Tokenizer
+
+    tok_path = get_tokenizer(corpus, cfg, cache_dir, log, vocab_size)
+    key = sha256_json({"data": corpus.key, "tokenizer": sha256_file(tok_path), "max_length": cfg.max_length})[:16]
+    path = Path(cache_dir) / "encoded" / f"encoded-{key}.parquet"
+    tok = Tokenizer.from_file(str(tok_path))
+    if path.is_file():
+        tbl = pq.read_table(path)
+        log(f"encoded data: cache hit {path}")
+    else:
+        log(f"encoding {len(corpus.train) + len(corpus.val) + len(corpus.test)} reviews (max length {cfg.max_length})")
+        splits = {}
+        for name in ("train", "val", "test"):
+            table = getattr(corpus, name)
+            splits[name] = (table, *encode_texts(tok, table.texts, cfg.max_length))
+        _write_split(path, splits, {"data_key": corpus.key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
+        tbl = pq.read_table(path)
+    return EncodedData(
+        _read_split(tbl, "train"), _read_split(tbl, "val"), _read_split(tbl, "test"),
+        tok.get_vocab_size(), str(tok_path), key,
+    )

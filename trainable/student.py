@@ -1,0 +1,81 @@
+"""The BiLSTM student: Embedding -> bidirectional LSTM -> dropout -> Linear over [h_forward; h_backward].
+
+The parameter count follows exactly from those three layers (`count_params` checks it against the formula),
+because users compare it with published student sizes.
+
+Batches are right-padded. A bidirectional `nn.LSTM` run over padding would start its backward direction on the
+padding, so the final backward state would not be the one after each review's first token. `pack_padded_sequence`
+fixes that but moves the CPU off PyTorch's fused LSTM kernel (2-3x slower here, see ../shared/PERF_NOTES.md).
+For one layer we instead run the fused kernel twice through a unidirectional view of the same weights: forward over
+the padded batch, backward over each review reversed in place (padding stays at the right), and read both states at
+position length - 1. Deeper stacks, whose second layer needs both directions at every step, use packing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+class BiLSTMClassifier(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_dim: int, num_classes: int = 2,
+                 num_layers: int = 1, dropout: float = 0.3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * hidden_dim, num_classes)
+        # A parameter-free helper whose weights are swapped in by functional_call; kept out of the module tree
+        # (object.__setattr__) so it adds nothing to parameters() or the state dict.
+        object.__setattr__(self, "_uni", nn.LSTM(embedding_dim, hidden_dim, 1, batch_first=True).requires_grad_(False))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 right-padded with 0, lengths (B,) int64 >= 1 -> logits (B, C)."""
+        if self.lstm.num_layers == 1:
+            h = self._encode_one_layer(tokens, lengths)
+        else:
+            h = self._encode_packed(tokens, lengths)
+        return self.fc(self.dropout(h))  # (B, C)
+
+    def _encode_one_layer(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
+        last = (lengths - 1).unsqueeze(1)  # (B, 1)
+        # Reverse each review's real tokens in place; padding stays at the right.
+        rev_idx = torch.where(pos <= last, last - pos, pos)
+        rev_tokens = tokens.gather(1, rev_idx)  # (B, T)
+        w = self.lstm
+        uni = self._uni.to(tokens.device) if self._uni.weight_ih_l0.device != tokens.device else self._uni
+        fwd_params = {"weight_ih_l0": w.weight_ih_l0, "weight_hh_l0": w.weight_hh_l0,
+                      "bias_ih_l0": w.bias_ih_l0, "bias_hh_l0": w.bias_hh_l0}
+        bwd_params = {"weight_ih_l0": w.weight_ih_l0_reverse, "weight_hh_l0": w.weight_hh_l0_reverse,
+                      "bias_ih_l0": w.bias_ih_l0_reverse, "bias_hh_l0": w.bias_hh_l0_reverse}
+        out_f, _ = functional_call(uni, fwd_params, (self.embedding(tokens),))  # (B, T, H)
+        out_b, _ = functional_call(uni, bwd_params, (self.embedding(rev_tokens),))  # (B, T, H)
+        idx = last.unsqueeze(2).expand(B, 1, out_f.size(2))  # (B, 1, H)
+        return torch.cat([out_f.gather(1, idx), out_b.gather(1, idx)], dim=2).squeeze(1)  # (B, 2H)
+
+    def _encode_packed(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embedding(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)  # h_n (2 * layers, B, H)
+        return torch.cat([h_n[-2], h_n[-1]], dim=1)  # (B, 2H): last layer, forward then backward
+
+
+def expected_params(vocab_size: int, embedding_dim: int, hidden_dim: int, num_classes: int = 2,
+                    num_layers: int = 1) -> int:
+    """The parameter count implied by the three layers (PyTorch's LSTM has two bias vectors per gate set)."""
+    lstm = 0
+    for layer in range(num_layers):
+        inp = embedding_dim if layer == 0 else 2 * hidden_dim
+        lstm += 2 * (4 * hidden_dim * inp + 4 * hidden_dim * hidden_dim + 8 * hidden_dim)
+    return vocab_size * embedding_dim + lstm + 2 * hidden_dim * num_classes + num_classes
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_dict_kb(model: nn.Module) -> float:
+    """Size of the float32 state dict in KiB (what users compare with published student sizes)."""
+    return sum(t.numel() * 4 for t in model.state_dict().values()) / 1024
