@@ -130,22 +130,9 @@ class Space:
                 out[name] = value
         return out
 
-    def define_by_run(self) -> Callable:
+    def define_by_run(self) -> "DefineByRun":
         """An Optuna define-by-run function: samples (conditionally), does no work, returns the config overrides."""
-        def sample(trial) -> dict[str, Any]:
-            values: dict[str, Any] = {}
-            for name, p in self.params.items():
-                if p.when is not None and not _active(p.when, self.expand(values)):
-                    continue
-                if p.type == "int":
-                    values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-                elif p.type == "float":
-                    values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
-                else:
-                    choices = list(p.choices) if isinstance(p.choices, dict) else p.choices
-                    values[name] = trial.suggest_categorical(name, choices)
-            return self.expand(values)
-        return sample
+        return DefineByRun(self)
 
     def values_of(self, key: str) -> list[Any]:
         """Every value `key` can take in this space (for preparing one encoding per student vocab size)."""
@@ -176,6 +163,27 @@ class Space:
             elif frac >= 1 - tol:
                 edges.append(f"{name} at its upper bound {p.high:g}")
         return edges
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """A picklable define-by-run function (Ray saves the searcher, and with it this, in the sweep's state)."""
+
+    space: Space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, p in self.space.params.items():
+            if p.when is not None and not _active(p.when, {**values, **self.space.expand(values)}):
+                continue
+            if p.type == "int":
+                values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            elif p.type == "float":
+                values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+            else:
+                choices = list(p.choices) if isinstance(p.choices, dict) else p.choices
+                values[name] = trial.suggest_categorical(name, choices)
+        return self.space.expand(values)
 
 
 def load_space(source: str | Path | dict, check: Callable[[dict[str, Any]], Optional[str]] | None = None,

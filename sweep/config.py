@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from trainable.config import ExperimentConfig, Section, yaml_load
+from trainable.config import set_dotted as _set_dotted
 
 
 class ConfigError(ValueError):
@@ -69,14 +70,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{key}: {p} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+    try:
+        _set_dotted(raw, key, value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def read_yaml(path: str | Path) -> Any:

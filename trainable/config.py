@@ -6,7 +6,8 @@ before any work starts. Constructing a config has no side effects (no folders ma
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+import copy
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -138,3 +139,24 @@ def yaml_load(text: str):
         list("-+0123456789."),
     )
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    """raw["a"]["b"] = value for key "a.b", making sections as needed."""
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_from_trial(base: dict, trial: dict[str, Any]) -> ExperimentConfig:
+    """The base config with the trial's dotted keys applied; keys without a dot (bundle labels) are ignored."""
+    raw = copy.deepcopy(base)
+    for key, value in trial.items():
+        if "." in key:
+            set_dotted(raw, key, value)
+    return ExperimentConfig.model_validate(raw)

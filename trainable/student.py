@@ -12,6 +12,8 @@ position length - 1. Deeper stacks, whose second layer needs both directions at 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -79,3 +81,32 @@ def count_params(model: nn.Module) -> int:
 def state_dict_kb(model: nn.Module) -> float:
     """Size of the float32 state dict in KiB (what users compare with published student sizes)."""
     return sum(t.numel() * 4 for t in model.state_dict().values()) / 1024
+
+
+class PortableBiLSTM(nn.Module):
+    """The same computation as `BiLSTMClassifier` (one layer) with the two directions as plain unidirectional
+    LSTMs, so it traces to TorchScript for serving without this package. Built from a trained student."""
+
+    def __init__(self, student: BiLSTMClassifier):
+        super().__init__()
+        if student.lstm.num_layers != 1:
+            raise ValueError("PortableBiLSTM supports one-layer students")
+        e, h = student.lstm.input_size, student.lstm.hidden_size
+        self.embedding = copy.deepcopy(student.embedding)
+        self.fwd = nn.LSTM(e, h, 1, batch_first=True)
+        self.bwd = nn.LSTM(e, h, 1, batch_first=True)
+        with torch.no_grad():
+            for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+                getattr(self.fwd, name).copy_(getattr(student.lstm, name))
+                getattr(self.bwd, name).copy_(getattr(student.lstm, name + "_reverse"))
+        self.fc = copy.deepcopy(student.fc)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
+        last = (lengths - 1).unsqueeze(1)
+        rev_tokens = tokens.gather(1, torch.where(pos <= last, last - pos, pos))
+        out_f, _ = self.fwd(self.embedding(tokens))
+        out_b, _ = self.bwd(self.embedding(rev_tokens))
+        idx = last.unsqueeze(2).expand(B, 1, out_f.size(2))
+        return self.fc(torch.cat([out_f.gather(1, idx), out_b.gather(1, idx)], dim=2).squeeze(1))

@@ -1,0 +1,249 @@
+"""The sweep: prepare once on the driver, then Ray Tune (Optuna searcher, ASHA, fractional resources) over the
+thin trainable adapter, then the report.
+
+Local by default: Ray starts in-process on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, dashboard off).
+`--address` / RAY_ADDRESS connects to an existing cluster instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from trainable.loop import METRIC, MODE
+from trainable.prepare import Prepared, prepare
+
+from .config import Config, ConfigError, load_config, load_space_for, student_vocab_sizes, validate
+from .runs import claim_dir, stamp
+
+Log = Callable[[str], None]
+STUDY_FILE = "optuna.db"
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def init_ray(address: str | None, dashboard: bool, log: Log) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        log(f"ray: connecting to {address}")
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        return
+    # Without this, local Ray takes the interface address and listens on every interface (../shared/RAY_NOTES.md).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING")
+    log(f"ray: local, 127.0.0.1 only, {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def check_resources(cfg: Config, log: Log) -> dict:
+    """Per-trial resources that some node can actually give; refused up front, never left pending forever."""
+    import ray
+
+    res = cfg.sweep.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    max_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    gpu = res.gpu
+    if gpu > 0 and max_gpu == 0:
+        if not res.gpu_fallback:
+            raise ConfigError(f"sweep.resources.gpu: {gpu} GPU per trial asked, but the Ray cluster has no GPU "
+                              f"(set sweep.resources.gpu=0, or sweep.resources.gpu_fallback=true to run on CPU)")
+        log("resources: no GPU in the cluster; running on CPU (gpu_fallback)")
+        gpu = 0.0
+    if gpu > max_gpu:
+        raise ConfigError(f"sweep.resources.gpu: {gpu} GPUs per trial asked, but the largest node has {max_gpu:g}")
+    if res.cpu > max_cpu:
+        raise ConfigError(f"sweep.resources.cpu: {res.cpu:g} CPUs per trial asked, but the largest node has "
+                          f"{max_cpu:g}")
+    return {"cpu": res.cpu, "gpu": gpu}
+
+
+# ----------------------------------------------------------------------------- searcher and scheduler
+
+
+def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .ray_parts import KDOptunaSearch
+
+    seed = cfg.sweep.seed
+    if cfg.sweep.searcher == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, num_samples(cfg, space) // 3)))
+    elif cfg.sweep.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif cfg.sweep.searcher == "qmc":
+        sampler = optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    else:
+        sampler = optuna.samplers.GridSampler(space.grid(), seed=seed)
+    metric, mode = objectives(cfg)
+    storage = optuna.storages.RDBStorage(storage_url)
+    searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
+                              study_name=cfg.name, storage=storage, max_epochs=max_epochs)
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
+
+
+def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
+    if cfg.sweep.objectives == "accuracy_and_size":
+        return [METRIC, "params"], [MODE, "min"]
+    return METRIC, MODE
+
+
+def make_scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.sweep.scheduler.kind == "none":
+        return FIFOScheduler()
+    s = cfg.sweep.scheduler
+    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode=MODE, max_t=cfg.train.epochs,
+                         grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor)
+
+
+def num_samples(cfg: Config, space) -> int:
+    if cfg.sweep.num_samples is not None:
+        return cfg.sweep.num_samples
+    return space.grid_size() if cfg.sweep.searcher == "grid" else 16
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _trainable(cfg: Config, prep: Prepared, resources: dict):
+    from ray import tune
+
+    from trainable.adapter import distill_trainable
+
+    base = cfg.model_dump(exclude={"sweep"})
+    fn = tune.with_parameters(distill_trainable, base=base, data=prep.encoded,
+                              logits=prep.logits["train"] if prep.logits else None,
+                              num_classes=cfg.data.num_classes, keep_checkpoints=cfg.sweep.keep_checkpoints)
+    return tune.with_resources(fn, resources)
+
+
+def _run_config(cfg: Config, folder: Path, total: int, log: Log):
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from .ray_parts import Progress
+
+    return tune.RunConfig(
+        name=folder.name,
+        storage_path=str(folder.parent.resolve()),
+        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.keep_checkpoints),
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), Progress(total, cfg.train.epochs)],
+        verbose=0,
+    )
+
+
+def _prepare_for_sweep(cfg: Config, space, log: Log) -> Prepared:
+    need_teacher = cfg.train.alpha < 1.0 or (space is not None and "train.alpha" in space.params) or \
+        float(space.fixed.get("train.alpha", cfg.train.alpha) if space is not None else cfg.train.alpha) < 1.0
+    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=need_teacher)
+
+
+def _quiet_ray_env() -> None:
+    # Our loop writes each trial's TensorBoard events itself (curves + HParams); Ray's TBX logger would add a
+    # second, differently named copy. JSON and CSV loggers are added explicitly.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def run_sweep(config_path: str, overrides: list[str], force: bool = False, resume: bool = False,
+              address: str | None = None, log: Log = print) -> int:
+    cfg, _ = load_config(config_path, overrides)
+    space = load_space_for(cfg)
+    if space is None:
+        raise ConfigError(f"{config_path}: sweep.space: required key is missing (a search-space file or mapping)")
+    folder = Path(cfg.results_dir) / cfg.name
+    if resume and (folder / "tuner.pkl").exists():
+        return resume_sweep(str(folder), address=address, log=log)
+    total = num_samples(cfg, space)
+    claim_dir(folder, force=force, what="sweep")
+    try:
+        _quiet_ray_env()
+        init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
+        resources = check_resources(cfg, log)
+        prep = _prepare_for_sweep(cfg, space, log)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing ran: leave nothing behind
+        raise
+    stamp(folder, cfg)
+    _save_artifacts(folder, prep)
+    from ray import tune
+
+    from .ray_parts import trial_dirname
+
+    log(f"sweep {cfg.name}: {total} trials, searcher {cfg.sweep.searcher}, scheduler {cfg.sweep.scheduler.kind}, "
+        f"{cfg.sweep.max_concurrent} at a time, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial")
+    tuner = tune.Tuner(
+        _trainable(cfg, prep, resources),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
+            scheduler=make_scheduler(cfg), num_samples=total, reuse_actors=False,
+            trial_dirname_creator=trial_dirname),
+        run_config=_run_config(cfg, folder, total, log),
+    )
+    return _fit_and_report(tuner, folder, log)
+
+
+def _save_artifacts(folder: Path, prep: Prepared) -> None:
+    """Copies that make the results folder self-contained: the student tokenizers and the teacher's metrics."""
+    from trainable.io import write_json
+
+    tok_dir = folder / "tokenizers"
+    tok_dir.mkdir(exist_ok=True)
+    for vocab, enc in prep.encoded.items():
+        shutil.copyfile(enc.tokenizer_file, tok_dir / f"vocab{vocab}.json")
+    if prep.teacher is not None:
+        write_json(folder / "teacher.json", {"path": str(prep.teacher.path), "checkpoint_hash":
+                                             prep.teacher.checkpoint_hash, **prep.teacher.metrics})
+
+
+def _fit_and_report(tuner, folder: Path, log: Log) -> int:
+    from .report import build_report
+
+    t0 = time.time()
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        log(f"interrupted: state saved; continue with `sweep resume {folder}`")
+        return 130
+    log(f"sweep finished in {time.time() - t0:.0f} s")
+    report = build_report(folder, log=log)
+    log(f"report: {report}")
+    return 0
+
+
+def resume_sweep(target: str, address: str | None = None, log: Log = print) -> int:
+    from ray import tune
+
+    from .report import find_sweep
+
+    folder = find_sweep(target)
+    if not (folder / "tuner.pkl").exists():
+        raise ConfigError(f"{folder}: not a resumable sweep (no tuner.pkl); start it with `sweep run`")
+    from trainable.config import yaml_load
+
+    cfg = validate(yaml_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    space = load_space_for(cfg)
+    _quiet_ray_env()
+    init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
+    resources = check_resources(cfg, log)
+    prep = _prepare_for_sweep(cfg, space, log)
+    log(f"resuming sweep {cfg.name} from {folder}")
+    tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    return _fit_and_report(tuner, folder, log)
