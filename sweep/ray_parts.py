@@ -2,12 +2,15 @@
 searcher with our pruning and NaN rules, and the progress callback."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import optuna
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from trainable.loop import METRIC
@@ -42,13 +45,62 @@ class KDOptunaSearch(OptunaSearch):
         metrics = self.metric if multi else [self.metric]
         values = [None if not result else result.get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        self._completed_trials.add(trial_id)
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            return  # told before a crash that came before Ray's next state snapshot
         if error or not finite:
             self._ot_study.tell(ot_trial, state=State.FAIL)
         elif int(result.get("epoch", 0)) < self._max_epochs:
             self._ot_study.tell(ot_trial, state=State.PRUNED)
         else:
             self._ot_study.tell(ot_trial, values if multi else values[0])
-        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """After a crash, Optuna trials asked after Ray's last state snapshot belong to no Ray trial: mark them
+        failed, so no trial is left RUNNING in the study."""
+        super().restore(checkpoint_path)
+        known = {t._trial_id for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a driver crash. Ray does not save scheduler state, so a restored sweep would
+    start with empty rungs and stop nobody; on its first trial this scheduler replays every result already
+    recorded in the experiment folder into the rungs (the value at the first epoch >= each milestone)."""
+
+    def __init__(self, *args, experiment_dir: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._experiment_dir = experiment_dir
+        self._replayed = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not self._replayed:
+            self._replayed = True
+            self.replay(Path(self._experiment_dir))
+
+    def replay(self, folder: Path) -> int:
+        n = 0
+        for rfile in folder.glob("*/result.json"):
+            rows = []
+            for line in rfile.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            rows = sorted((r for r in rows if self._time_attr in r and self._metric in r), key=lambda r: r[self._time_attr])
+            if not rows:
+                continue
+            tid = rows[-1]["trial_id"]
+            bracket = self._trial_info.get(tid, self._brackets[0])
+            for milestone, recorded in bracket._rungs:
+                first = next((r for r in rows if r[self._time_attr] >= milestone), None)
+                if first is not None and math.isfinite(first[self._metric]):
+                    recorded.setdefault(tid, self._metric_op * first[self._metric])
+                    n += 1
+        return n
 
 
 class Progress(Callback):

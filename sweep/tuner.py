@@ -97,14 +97,17 @@ def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
     return METRIC, MODE
 
 
-def make_scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(cfg: Config, folder: Path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .ray_parts import ResumableASHA
 
     if cfg.sweep.scheduler.kind == "none":
         return FIFOScheduler()
     s = cfg.sweep.scheduler
-    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode=MODE, max_t=cfg.train.epochs,
-                         grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor)
+    return ResumableASHA(time_attr="epoch", metric=METRIC, mode=MODE, max_t=cfg.train.epochs,
+                         grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor,
+                         experiment_dir=str(folder.resolve()))
 
 
 def num_samples(cfg: Config, space) -> int:
@@ -192,7 +195,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         _trainable(cfg, prep, resources),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
-            scheduler=make_scheduler(cfg), num_samples=total, reuse_actors=False,
+            scheduler=make_scheduler(cfg, folder), num_samples=total, reuse_actors=False,
             trial_dirname_creator=trial_dirname),
         run_config=_run_config(cfg, folder, total, log),
     )

@@ -1,0 +1,64 @@
+"""Shared fixtures: real NSMC subsets from ../shared/data/nsmc, a tiny scratch teacher trained once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NSMC = (ROOT.parent / "shared" / "data" / "nsmc").resolve()
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def nsmc_dir() -> Path:
+    if not (NSMC / "ratings_train.txt").is_file():
+        pytest.fail(f"the NSMC corpus is expected at {NSMC} (../shared/data/nsmc beside the checkout)")
+    return NSMC
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the whole session, so the tiny teacher is trained once."""
+    return tmp_path_factory.mktemp("kd-cache")
+
+
+def small_config(nsmc_dir: Path, cache_dir: Path, results_dir: Path, **sections) -> dict:
+    cfg = {
+        "name": "t",
+        "data": {"dir": str(nsmc_dir), "download": False, "train_rows": 4000, "test_rows": 1000},
+        "tokenizer": {"vocab_size": 2000, "max_length": 48},
+        "teacher": {"preset": "tiny", "epochs": 2, "max_length": 48, "vocab_size": 3000},
+        "student": {"embedding_dim": 32, "hidden_dim": 64},
+        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+        "cache_dir": str(cache_dir),
+        "results_dir": str(results_dir),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return cfg
+
+
+@pytest.fixture
+def make_config(nsmc_dir, cache_dir, tmp_path):
+    """Write a small config YAML into tmp_path and return its path."""
+    def make(name: str = "config.yaml", **sections) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(small_config(nsmc_dir, cache_dir, tmp_path / "results", **sections)))
+        return path
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Run the `sweep` CLI as a user would (a fresh process)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,114 @@
+"""The teacher: a scratch teacher learns; local save_pretrained models load; the logits cache is hit and
+invalidated; bad teacher sources are refused; remote code never runs unless asked."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from trainable.config import DataConfig, ExperimentConfig, TeacherConfig
+from trainable.data import load_corpus
+from trainable.prepare import prepare
+from trainable.teacher import TeacherError, get_logits, get_teacher, load_pretrained
+
+from conftest import small_config
+
+
+def _quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="session")
+def prepared(nsmc_dir, cache_dir, tmp_path_factory):
+    cfg = ExperimentConfig.model_validate(small_config(nsmc_dir, cache_dir, tmp_path_factory.mktemp("r")))
+    return cfg, prepare(cfg, _quiet)
+
+
+def test_scratch_teacher_learns_and_logits_align(prepared):
+    cfg, prep = prepared
+    assert prep.teacher.metrics["val_acc"] > 0.62 and prep.teacher.metrics["test_acc"] > 0.62
+    assert prep.logits["train"].shape == (len(prep.corpus.train), 2)
+    assert prep.logits["val"].shape == (len(prep.corpus.val), 2)
+    acc = (prep.logits["val"].argmax(1) == prep.corpus.val.labels).mean()
+    assert acc == pytest.approx(prep.teacher.metrics["val_acc"], abs=1e-6)
+
+
+def test_teacher_and_logits_cache_hit(prepared):
+    cfg, prep = prepared
+    msgs = []
+    again = prepare(cfg, msgs.append)
+    assert any("teacher: cache hit" in m for m in msgs) and any("teacher logits: cache hit" in m for m in msgs)
+    assert np.array_equal(again.logits["train"], prep.logits["train"])
+
+
+def test_logits_recomputed_when_data_changes(prepared, tmp_path, nsmc_dir):
+    cfg, prep = prepared
+    for name in ("ratings_train.txt", "ratings_test.txt"):
+        lines = (nsmc_dir / name).read_text(encoding="utf-8").splitlines()[:2001]
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = DataConfig(dir=str(tmp_path), train_rows=1500)
+    corpus = load_corpus(data, _quiet)
+    msgs = []
+    get_logits(prep.teacher, corpus, cfg.teacher, cfg.cache_dir, msgs.append)
+    assert any("one pass" in m for m in msgs)
+    with open(tmp_path / "ratings_train.txt", "a", encoding="utf-8") as f:
+        f.write("424242\t완전히 새로운 리뷰\t1\n")
+    changed = load_corpus(data, _quiet)
+    msgs.clear()
+    get_logits(prep.teacher, changed, cfg.teacher, cfg.cache_dir, msgs.append)
+    assert any("one pass" in m for m in msgs) and not any("cache hit" in m for m in msgs)
+
+
+def test_logits_file_with_foreign_metadata_is_not_reused(prepared):
+    import pyarrow.parquet as pq
+
+    from trainable.teacher import logits_meta, logits_path
+
+    cfg, prep = prepared
+    path = logits_path(logits_meta(prep.teacher, prep.corpus, cfg.teacher.max_length), cfg.cache_dir)
+    backup = path.read_bytes()
+    tbl = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in tbl.schema.metadata.items()}
+    pq.write_table(tbl.replace_schema_metadata({**meta, "checkpoint_hash": "another-teacher"}), path)
+    try:
+        msgs = []
+        get_logits(prep.teacher, prep.corpus, cfg.teacher, cfg.cache_dir, msgs.append)
+        assert any("does not match" in m for m in msgs)
+    finally:
+        path.write_bytes(backup)
+
+
+def test_local_save_pretrained_teacher_is_fine_tuned(prepared, tmp_path):
+    """A teacher given by local path goes through the same from_pretrained code as a hub id."""
+    cfg, prep = prepared
+    local = tmp_path / "my-teacher"
+    shutil.copytree(prep.teacher.path, local)
+    tcfg = TeacherConfig(source=str(local), epochs=1, lr=1e-4, max_length=48)
+    t = get_teacher(tcfg, prep.corpus, 2, tmp_path / "cache", _quiet)
+    assert t.metrics["val_acc"] > 0.6
+    assert json.loads((t.path / "teacher.json").read_text())["source"] == str(local)
+
+
+def test_bad_teacher_sources(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(TeacherError, match="is not a model folder"):
+        load_pretrained(tmp_path / "not-a-model", 2)
+    with pytest.raises(TeacherError, match="cannot load"):
+        load_pretrained("no-such-org-xyz/no-such-model", 2)
+
+
+def test_remote_code_is_not_run_unless_asked(prepared, tmp_path):
+    cfg, prep = prepared
+    evil = tmp_path / "evil"
+    shutil.copytree(prep.teacher.path, evil)
+    marker = tmp_path / "pwned"
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    conf = json.loads((evil / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil", "AutoConfig": "modeling_evil.C"}
+    (evil / "config.json").write_text(json.dumps(conf))
+    assert TeacherConfig().trust_remote_code is False
+    try:
+        load_pretrained(evil, 2)
+    except TeacherError:
+        pass
+    assert not marker.exists()
