@@ -36,7 +36,7 @@ class SpaceError(ValueError):
 
 
 class Param(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     type: Literal["int", "float", "categorical"]
     low: Optional[float] = None
@@ -78,7 +78,7 @@ class Param(BaseModel):
 
 
 class SpaceFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     description: Optional[str] = None
     parameters: dict[str, Param] = {}

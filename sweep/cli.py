@@ -72,7 +72,9 @@ def cmd_train(args) -> int:
     cfg, _ = load_config(args.config, args.set)
     run_dir = Path(args.out) if args.out else Path(cfg.results_dir) / "runs" / cfg.name
     resume_from = None
-    if args.resume:
+    if args.resume and (run_dir / "config.yaml").is_file():
+        # A resumed run keeps its own resolved config; --set may still change e.g. train.epochs.
+        cfg, _ = load_config(run_dir / "config.yaml", args.set)
         ckpts = sorted((run_dir / "checkpoints").glob("epoch_*"))
         resume_from = ckpts[-1] if ckpts else None
     claim_dir(run_dir, force=args.force, resume=args.resume)

@@ -27,17 +27,22 @@ STUDY_FILE = "optuna.db"
 
 
 def init_ray(address: str | None, dashboard: bool, log: Log) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Without this, local Ray takes the interface address and listens on every interface
+        # (../shared/RAY_NOTES.md). Ray reads it when first imported, so it is set before the import...
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
     if address:
         log(f"ray: connecting to {address}")
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
         return
-    # Without this, local Ray takes the interface address and listens on every interface (../shared/RAY_NOTES.md).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # ...and here in case something imported Ray earlier
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING")
     log(f"ray: local, 127.0.0.1 only, {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
@@ -77,7 +82,7 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
 
     seed = cfg.sweep.seed
     if cfg.sweep.searcher == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, num_samples(cfg, space) // 3)))
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(4, num_samples(cfg, space) // 3)))
     elif cfg.sweep.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif cfg.sweep.searcher == "qmc":

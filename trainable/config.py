@@ -16,7 +16,7 @@ NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 
 class Section(BaseModel):
     # strict: "3" is not an int and 1 is not a bool; floats accept ints (1 -> 1.0) because YAML users write `lr: 1`.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):

@@ -1,0 +1,225 @@
+"""Real sweeps through the CLI: real Ray on 127.0.0.1 (2 CPUs), real Optuna (SQLite), NSMC subsets, a tiny
+scratch teacher. Also: a driver killed mid-sweep is resumed without losing or re-running trials."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli, small_config
+
+SPACE = {"parameters": {
+    "student.hidden_dim": {"type": "int", "low": 8, "high": 64, "log": True},
+    "student.embedding_dim": {"type": "int", "low": 8, "high": 32, "log": True},
+    "train.alpha": {"type": "float", "low": 0.0, "high": 1.0},
+    "train.temperature": {"type": "float", "low": 1.0, "high": 8.0, "when": {"train.alpha": {"lt": 1.0}}},
+    "train.lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},
+}}
+TRIAL_FIELDS = ["trial_id", "status", "error", "hp.student.hidden_dim", "hp.train.alpha", "final_val_acc",
+                "best_val_acc", "test_acc", "epochs", "stopped_early", "params", "size_kb", "train_time_s"]
+
+
+def write_sweep_config(path: Path, nsmc_dir, cache_dir, name: str, num_samples=8, epochs=3, **sweep) -> Path:
+    cfg = small_config(nsmc_dir, cache_dir, path.parent / "results", train={"epochs": epochs, "threads": 1})
+    cfg["name"] = name
+    cfg["sweep"] = {"space": SPACE, "searcher": "tpe", "seed": 0, "num_samples": num_samples, "max_concurrent": 2,
+                    "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                    "resources": {"cpu": 1}, **sweep}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tree(root_pid: int) -> set[int]:
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, changed = {root_pid}, True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    return tree
+
+
+def _listeners(pids: set[int]) -> set[str]:
+    """Local addresses of TCP/UDP sockets listening in the given processes (from `ss`)."""
+    out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines():
+        if any(f"pid={p}," in line for p in re.findall(r"pid=(\d+),", line) if int(p) in pids):
+            found.add(line.split()[4])
+    return found
+
+
+@pytest.fixture(scope="module")
+def sweep(nsmc_dir, cache_dir, tmp_path_factory):
+    """One real 8-trial sweep; while it runs, the listening sockets of every process it started are collected."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = write_sweep_config(tmp / "sweep.yaml", nsmc_dir, cache_dir, "s1")
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    listeners: set[str] = set()
+    while proc.poll() is None:
+        listeners |= _listeners(_tree(proc.pid))
+        time.sleep(1.0)
+    out, err = proc.communicate()
+    return {"folder": tmp / "results" / "s1", "rc": proc.returncode, "stderr": err, "listeners": listeners,
+            "config": cfg, "tmp": tmp}
+
+
+def test_sweep_completes_with_asha_stopping_trials(sweep):
+    assert sweep["rc"] == 0, sweep["stderr"][-3000:]
+    rows = pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()
+    assert len(rows) == 8
+    for f in TRIAL_FIELDS:
+        assert f in rows[0], f
+    assert sum(r["stopped_early"] for r in rows) >= 1
+    assert all(r["status"] in ("finished", "stopped_early") for r in rows)
+    assert all(r["epochs"] == 3 for r in rows if r["status"] == "finished")
+    assert all(0.0 < r["best_val_acc"] <= 1.0 and r["params"] > 0 for r in rows)
+    assert "stopped early" in sweep["stderr"] and "best val_acc" in sweep["stderr"]  # progress lines
+
+
+def test_report_table_and_plots(sweep):
+    report = (sweep["folder"] / "report.md").read_text()
+    assert "| Rank | Model | vocab size | hidden dim | embedding dim | loss rate | temperature | Acc |" in report
+    assert "edge of the search space:" in report
+    for png in ("curves.png", "pareto.png", "importance.png"):
+        assert (sweep["folder"] / png).stat().st_size > 1000
+    r = run_cli("report", str(sweep["folder"]))
+    assert r.returncode == 0 and "| Rank |" in r.stdout
+
+
+def test_every_trial_has_readable_tensorboard_curves(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = {r["trial_dir"]: r for r in pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()}
+    for trial_dir, row in rows.items():
+        acc = EventAccumulator(str(sweep["folder"] / trial_dir / "tb"))
+        acc.Reload()
+        curve = [e.value for e in acc.Scalars("val/acc")]
+        assert len(curve) == row["epochs"]
+        assert curve == pytest.approx(row["val_acc_curve"], abs=1e-6)
+        assert "_hparams_/session_start_info" in acc.summary_metadata
+
+
+def test_optuna_study_holds_every_trial_with_pruned_ones(sweep):
+    rows = pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()
+    with sqlite3.connect(sweep["folder"] / "optuna.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+    assert len(states) == len(rows) == 8
+    assert states.count("PRUNED") == sum(r["stopped_early"] for r in rows)
+    assert states.count("COMPLETE") == sum(r["status"] == "finished" for r in rows)
+    assert "RUNNING" not in states
+
+
+def test_local_ray_listens_on_loopback_only(sweep):
+    assert sweep["listeners"], "no listening socket was seen while the sweep ran"
+    bad = [a for a in sweep["listeners"] if not a.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))]
+    assert not bad, bad
+
+
+def test_export_and_predict(sweep, tmp_path):
+    out = tmp_path / "best"
+    r = run_cli("export", str(sweep["folder"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"student.pt", "student.ts", "tokenizer.json", "config.json"}
+    r = run_cli("predict", str(out), "정말 재미있고 감동적인 영화", "최악 시간 낭비")
+    assert r.returncode == 0, r.stderr
+    preds = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [p["label"] in (0, 1) for p in preds] == [True, True]
+    again = run_cli("export", str(sweep["folder"]), "--out", str(out))
+    assert again.returncode == 2  # not overwritten without --force
+
+
+def test_existing_sweep_name_is_refused(sweep):
+    before = (sweep["folder"] / "trials.parquet").read_bytes()
+    r = run_cli("run", str(sweep["config"]))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (sweep["folder"] / "trials.parquet").read_bytes() == before
+
+
+def _study_params(db_path: Path, n: int) -> list[dict]:
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p "
+                          "on t.trial_id = p.trial_id where t.number < ? order by t.number, p.param_name", (n,)).fetchall()
+    out: dict[int, dict] = {}
+    for number, name, value in rows:
+        out.setdefault(number, {})[name] = value
+    return [out[i] for i in sorted(out)]
+
+
+def test_seeded_tpe_samples_the_same_first_configurations(sweep, nsmc_dir, cache_dir):
+    cfg = write_sweep_config(sweep["tmp"] / "again.yaml", nsmc_dir, cache_dir, "s2", num_samples=4, epochs=1)
+    r = run_cli("run", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = _study_params(sweep["folder"] / "optuna.db", 4)
+    second = _study_params(sweep["tmp"] / "results" / "s2" / "optuna.db", 4)
+    assert len(first) == 4 and first == second
+
+
+def _epochs_by_trial(folder: Path) -> dict[str, list[int]]:
+    out = {}
+    for rfile in folder.glob("trial_*/result.json"):
+        lines = [json.loads(ln) for ln in rfile.read_text().splitlines() if ln.strip()]
+        if lines:
+            out[lines[-1]["trial_id"]] = [ln["epoch"] for ln in lines]
+    return out
+
+
+def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir, cache_dir, tmp_path):
+    cfg = write_sweep_config(tmp_path / "k.yaml", nsmc_dir, cache_dir, "killed", num_samples=8, epochs=4)
+    folder = tmp_path / "results" / "killed"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [e for e in _epochs_by_trial(folder).values() if e[-1] >= 4]
+        if len(done) >= 1 and len(_epochs_by_trial(folder)) >= 3:
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(1.5)  # let Ray's state snapshot catch up with some of it, not all
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what a crash of the driver's machine would take down with it
+    except ProcessLookupError:
+        pass
+    before = _epochs_by_trial(folder)
+    finished_before = {t: e for t, e in before.items() if e[-1] >= 4}
+    assert finished_before
+
+    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _epochs_by_trial(folder)
+    rows = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert len(rows) == 8 and len(after) == 8
+    for t, epochs in finished_before.items():
+        assert after[t] == epochs, f"finished trial {t} was trained again"
+    for t, epochs in after.items():
+        assert epochs == sorted(set(epochs)) and epochs[0] == 1, f"trial {t} restarted its epoch count: {epochs}"
+    for t, epochs in before.items():
+        assert after[t][: len(epochs)] == epochs  # unfinished trials continued where they were
+    with sqlite3.connect(folder / "optuna.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+    assert "RUNNING" not in states
+    assert all(r["status"] in ("finished", "stopped_early") for r in rows)
