@@ -229,7 +229,7 @@ def _fit_and_report(tuner, folder: Path, log: Log) -> int:
     except KeyboardInterrupt:
         log(f"interrupted: state saved; continue with `sweep resume {folder}`")
         return 130
-    log(f"sweep finished in {time.time() - t0:.0f} s")
+    log(f"sweep finished in {time.time() - t0:.1f} s")
     report = build_report(folder, log=log)
     log(f"report: {report}")
     return 0

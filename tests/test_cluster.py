@@ -1,0 +1,99 @@
+"""The cluster YAMLs: valid for Ray's own cluster-config schema, and safe by default (no Ray port open to the
+world, dashboard on 127.0.0.1, token authentication on, pinned versions, no committed secrets)."""
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+FILES = sorted(CLUSTER.glob("*.yaml"))
+WORLD = {"0.0.0.0/0", "::/0"}
+
+
+def safety_problems(cfg: dict) -> list[str]:
+    """Every way a cluster config exposes Ray or runs unpinned code; empty when safe."""
+    problems = []
+    sg = cfg.get("provider", {}).get("security_group", {})
+    for perm in sg.get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in perm.get("IpRanges", [])] + [r.get("CidrIpv6") for r in perm.get("Ipv6Ranges", [])]
+        if WORLD & set(ranges):
+            problems.append(f"ports {perm.get('FromPort')}-{perm.get('ToPort')} open to the world")
+        elif ranges and (perm.get("FromPort"), perm.get("ToPort")) != (22, 22):
+            problems.append(f"ports {perm.get('FromPort')}-{perm.get('ToPort')} reachable from outside the cluster")
+    if cfg.get("provider", {}).get("type") == "aws":
+        for name, node in cfg.get("available_node_types", {}).items():
+            nc = node.get("node_config", {})
+            if not nc.get("SecurityGroupIds"):
+                problems.append(f"{name}: no pre-made SecurityGroupIds (Ray would create one with SSH open to the world)")
+            if not nc.get("IamInstanceProfile"):
+                problems.append(f"{name}: no IamInstanceProfile (Ray's default grants EC2 and S3 full access)")
+    if cfg.get("provider", {}).get("type") == "gcp":
+        for name, node in cfg.get("available_node_types", {}).items():
+            if not node.get("node_config", {}).get("serviceAccounts"):
+                problems.append(f"{name}: no service account (the default one has broad project rights)")
+    starts = cfg.get("head_start_ray_commands", []) + cfg.get("worker_start_ray_commands", [])
+    for cmd in starts:
+        if "ray start" in cmd and "RAY_AUTH_MODE=token" not in cmd:
+            problems.append(f"ray start without token authentication: {cmd.strip()}")
+        if "0.0.0.0" in cmd:
+            problems.append(f"a Ray service bound to 0.0.0.0: {cmd.strip()}")
+    head = " ".join(cfg.get("head_start_ray_commands", []))
+    if "--head" in head and "--include-dashboard=false" not in head and "--dashboard-host=127.0.0.1" not in head:
+        problems.append("the dashboard is not bound to 127.0.0.1")
+    for cmd in cfg.get("setup_commands", []):
+        for pkg in re.findall(r'"([a-zA-Z0-9_.\-\[\]]+)(?:[<>=@ ][^"]*)?"', cmd):
+            if pkg.split("[")[0] in ("ray", "torch", "kd-sweep") and not re.search(re.escape(pkg) + r"\s*(==|@)", cmd):
+                problems.append(f"{pkg} is not pinned: {cmd}")
+    for src, dst in cfg.get("file_mounts", {}).items():
+        if "auth_token" in src and not str(dst).startswith("~"):
+            problems.append("the auth token must be mounted from the user's machine")
+    return problems
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_valid_for_rays_schema(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_safe_by_default(path):
+    cfg = yaml.safe_load(path.read_text())
+    assert safety_problems(cfg) == []
+    assert "auth_token" in " ".join(cfg.get("file_mounts", {}))
+    assert not list(CLUSTER.glob("*auth_token*"))
+
+
+def test_every_field_is_commented():
+    """Each key carries a comment on its line or on the line above."""
+    for path in FILES:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not re.match(r'^\s*(- )?[A-Za-z_"~][A-Za-z0-9_"~./-]*:(\s|$)', line):
+                continue
+            prev = next((ln.strip() for ln in reversed(lines[:i]) if ln.strip()), "")
+            assert "#" in line or prev.startswith("#"), f"{path.name}:{i + 1}: {line.strip()} has no comment"
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda c: c["provider"].setdefault("security_group", {}).setdefault("IpPermissions", []).append(
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}), "open to the world"),
+    (lambda c: c["provider"].setdefault("security_group", {}).setdefault("IpPermissions", []).append(
+        {"FromPort": 6379, "ToPort": 6379, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "203.0.113.0/24"}]}),
+     "reachable from outside"),
+    (lambda c: c.__setitem__("head_start_ray_commands", ["ray stop", "RAY_AUTH_MODE=token ray start --head --dashboard-host=0.0.0.0"]),
+     "0.0.0.0"),
+    (lambda c: c.__setitem__("worker_start_ray_commands", ["ray start --address=$RAY_HEAD_IP:6379"]), "token"),
+    (lambda c: c["available_node_types"]["head"]["node_config"].pop("SecurityGroupIds"), "SecurityGroupIds"),
+    (lambda c: c["available_node_types"]["gpu1"]["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
+    (lambda c: c.__setitem__("setup_commands", ['python3 -m pip install "ray[tune]" "torch==2.13.0"']), "not pinned"),
+])
+def test_an_unsafe_config_fails_the_check(mutate, expected):
+    cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    mutate(cfg)
+    problems = safety_problems(cfg)
+    assert any(expected in p for p in problems), problems
