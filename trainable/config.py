@@ -100,6 +100,7 @@ class TrainConfig(Section):
     kd_kind: Literal["kl", "mse"] = "kl"
     seed: int = 0
     threads: Optional[PositiveInt] = None  # torch intra-op threads; None: leave torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU Ray gave the trial, else the CPU
     eval_batch_size: PositiveInt = 512
 
     @model_validator(mode="after")

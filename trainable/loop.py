@@ -8,7 +8,6 @@ where it stopped. Test accuracy is measured on the best-validation weights.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -88,9 +87,19 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Gene
     return [batches[i] for i in order]
 
 
-def _batch(padded: np.ndarray, lengths: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(padded: np.ndarray, lengths: np.ndarray, idx: np.ndarray,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     lens = lengths[idx]
-    return torch.from_numpy(padded[idx, : int(lens.max())]), torch.from_numpy(lens)
+    tokens = torch.from_numpy(padded[idx, : int(lens.max())])
+    return tokens.to(device, non_blocking=True), torch.from_numpy(lens).to(device, non_blocking=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no GPU is visible to this process")
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -98,14 +107,15 @@ def evaluate(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512,
              padded: np.ndarray | None = None) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) on a split; batches sorted by length."""
     model.eval()
+    device = next(model.parameters()).device
     padded = split.padded() if padded is None else padded
     lengths = split.lengths
     order = np.argsort(lengths, kind="stable")
     correct, loss_sum = 0, 0.0
-    labels = torch.from_numpy(split.labels)
+    labels = torch.from_numpy(split.labels).to(device)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        tokens, lens = _batch(padded, lengths, idx)
+        tokens, lens = _batch(padded, lengths, idx, device)
         logits = model(tokens, lens)
         y = labels[idx]
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -211,14 +221,16 @@ def train_student(
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
 
+    device = resolve_device(train_cfg.device)
     model = BiLSTMClassifier(data.vocab_size, student_cfg.embedding_dim, student_cfg.hidden_dim, num_classes,
                              student_cfg.num_layers, student_cfg.dropout)
     params, size_kb = count_params(model), state_dict_kb(model)
+    model.to(device)
     padded, lengths = data.train.padded(), data.train.lengths
     val_padded, test_padded = data.val.padded(), data.test.padded()
-    labels = torch.from_numpy(data.train.labels)
-    t_logits = torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None \
-        else torch.zeros(len(data.train), num_classes)
+    labels = torch.from_numpy(data.train.labels).to(device)
+    t_logits = (torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None
+                else torch.zeros(len(data.train), num_classes)).to(device)
     n_batches = math.ceil(len(data.train) / train_cfg.batch_size)
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, n_batches)
@@ -231,6 +243,8 @@ def train_student(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
         best_val, best_epoch, test_acc = state["best_val_acc"], state["best_epoch"], state["test_acc"]
         best_state, train_time, history = state["best_model"], state["train_time_s"], state["history"]
@@ -246,8 +260,8 @@ def train_student(
             sums = torch.zeros(3, dtype=torch.float64)
             t0 = time.perf_counter()
             for b, idx in enumerate(bucketed_batches(lengths, train_cfg.batch_size, gen)):
-                tokens, lens = _batch(padded, lengths, idx)
-                idx_t = torch.from_numpy(idx)
+                tokens, lens = _batch(padded, lengths, idx, device)
+                idx_t = torch.from_numpy(idx).to(device)
                 logits = model(tokens, lens)  # (B, C)
                 loss, parts = distillation_loss(logits, t_logits[idx_t], labels[idx_t], train_cfg.alpha,
                                                 train_cfg.temperature, train_cfg.kd_kind)
@@ -269,7 +283,7 @@ def train_student(
             val_acc, val_loss = evaluate(model, data.val, train_cfg.eval_batch_size, val_padded)
             if val_acc > best_val:
                 best_val, best_epoch = val_acc, epoch
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 test_acc, _ = evaluate(model, data.test, train_cfg.eval_batch_size, test_padded)
             mean = (sums / len(data.train)).tolist()
             m = EpochMetrics(epoch, mean[0], mean[1], mean[2], val_acc, val_loss, lr, best_val, best_epoch, test_acc,
@@ -286,7 +300,8 @@ def train_student(
             if run_dir is not None:
                 ckpt = save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch:04d}", {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "best_val_acc": best_val, "best_epoch": best_epoch,
+                    "rng": torch.get_rng_state(), "epoch": epoch,
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "best_val_acc": best_val, "best_epoch": best_epoch,
                     "test_acc": test_acc, "best_model": best_state, "train_time_s": train_time, "history": history,
                 })
                 for old in sorted((run_dir / "checkpoints").glob("epoch_*"))[:-keep_checkpoints]:
