@@ -149,3 +149,11 @@ class Progress(Callback):
 def trial_dirname(trial) -> str:
     """Short trial folder names (Ray's default packs every hyperparameter into the name)."""
     return f"trial_{trial.trial_id}"
+
+
+class SweepGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its `study.stop()` once the grid is used up: that call is only allowed inside
+    `study.optimize`, and Ray (asking and telling) already stops after `num_samples` = the grid's size."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass

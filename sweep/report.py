@@ -79,9 +79,8 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
                     results.append(json.loads(ln))
                 except json.JSONDecodeError:
                     pass  # a line cut by a crash
-        trial_id = results[-1]["trial_id"] if results else tdir.name.split("_")[-2] if "_" in tdir.name else tdir.name
-        for r in results:
-            trial_id = r.get("trial_id", trial_id)
+        trial_id = results[-1].get("trial_id") if results else None
+        trial_id = trial_id or tdir.name.removeprefix("trial_")
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
         curve = [by_epoch[e][METRIC] for e in sorted(by_epoch)]
@@ -89,6 +88,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         epochs = max(by_epoch) if by_epoch else 0
         ray_status = statuses.get(trial_id, "")
         error = _error_line(tdir / "error.txt") if (tdir / "error.txt").is_file() else None
+        warnings = (tdir / "warnings.txt").read_text().strip() if (tdir / "warnings.txt").is_file() else None
         if error or ray_status == "ERROR":
             status = STATUS_FAILED
         elif ray_status in ("RUNNING", "PENDING", "PAUSED"):
@@ -99,7 +99,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
             status = STATUS_STOPPED if epochs > 0 else STATUS_INCOMPLETE
         wall = (results[-1].get("time_total_s") if results else None)
         rows.append({
-            "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error,
+            "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
             **{f"hp.{k}": v for k, v in params.items()},
             "final_val_acc": last.get(METRIC), "best_val_acc": last.get("best_val_acc"),
             "test_acc": last.get("test_acc"), "best_epoch": last.get("best_epoch"), "epochs": epochs,

@@ -78,7 +78,7 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import KDOptunaSearch
+    from .ray_parts import KDOptunaSearch, SweepGridSampler
 
     seed = cfg.sweep.seed
     if cfg.sweep.searcher == "tpe":
@@ -88,7 +88,7 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
     elif cfg.sweep.searcher == "qmc":
         sampler = optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     else:
-        sampler = optuna.samplers.GridSampler(space.grid(), seed=seed)
+        sampler = SweepGridSampler(space.grid(), seed=seed)
     metric, mode = objectives(cfg)
     storage = optuna.storages.RDBStorage(storage_url)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
@@ -204,7 +204,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
             trial_dirname_creator=trial_dirname),
         run_config=_run_config(cfg, folder, total, log),
     )
-    return _fit_and_report(tuner, folder, log)
+    return _fit_and_report(tuner, folder, total, log)
 
 
 def _save_artifacts(folder: Path, prep: Prepared) -> None:
@@ -220,14 +220,21 @@ def _save_artifacts(folder: Path, prep: Prepared) -> None:
                                              prep.teacher.checkpoint_hash, **prep.teacher.metrics})
 
 
-def _fit_and_report(tuner, folder: Path, log: Log) -> int:
+def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
     from .report import build_report
 
     t0 = time.time()
     try:
-        tuner.fit()
+        grid = tuner.fit()
     except KeyboardInterrupt:
-        log(f"interrupted: state saved; continue with `sweep resume {folder}`")
+        grid = None
+    trials = grid._experiment_analysis.trials if grid is not None else []
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if grid is None or unfinished or len(trials) < total:
+        # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.
+        build_report(folder, log=log)
+        log(f"interrupted after {time.time() - t0:.1f} s: {len(trials) - len(unfinished)} of {total} trials done, "
+            f"state saved; continue with: sweep resume {folder}")
         return 130
     log(f"sweep finished in {time.time() - t0:.1f} s")
     report = build_report(folder, log=log)
@@ -254,4 +261,4 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     log(f"resuming sweep {cfg.name} from {folder}")
     tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    return _fit_and_report(tuner, folder, log)
+    return _fit_and_report(tuner, folder, num_samples(cfg, space), log)

@@ -4,42 +4,84 @@ trial side.
 Per-trial dict -> typed config (once, here) -> the plain loop, whose per-epoch callback becomes `tune.report`
 with the epoch's checkpoint folder. A trial restored by Ray continues from `tune.get_checkpoint()`, and the
 `epoch` it reports (ASHA's time attribute) continues too, unlike Ray's own `training_iteration`.
+
+Failure rules:
+- a checkpoint that fails its hash check is skipped for the trial's previous one (or a fresh start), with a
+  warning in the trial folder's `warnings.txt`;
+- Ray retries every failed trial up to `sweep.max_failures` times, which helps when a worker died; for failures
+  a retry cannot fix (a NaN/inf loss, an invalid trial config) the trial leaves a marker, and its retry fails at
+  once with the same reason instead of training again.
 """
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from ray import tune
 
 from .config import config_from_trial
 from .data import EncodedData
-from .loop import EpochMetrics, train_student
+from .loop import CheckpointError, EpochMetrics, NonFiniteLossError, load_checkpoint, train_student
+
+NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
+
+
+def _warn(trial_dir: Path, msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    with open(trial_dir / "warnings.txt", "a") as f:
+        f.write(msg + "\n")
+
+
+def _restore_point(checkpoint, trial_dir: Path, work: Path) -> Path | None:
+    """The newest checkpoint that passes its hash check: Ray's latest, then the trial's older ones."""
+    candidates: list[Path] = []
+    if checkpoint is not None:
+        try:
+            candidates.append(Path(checkpoint.to_directory(str(work / "restored"))))
+        except Exception as e:  # a checkpoint folder that vanished or cannot be read
+            _warn(trial_dir, f"cannot fetch checkpoint {checkpoint.path}: {e}")
+    candidates += sorted(trial_dir.glob("checkpoint_*"), reverse=True)
+    for cand in candidates:
+        try:
+            load_checkpoint(cand)
+        except CheckpointError as e:
+            _warn(trial_dir, f"skipping a bad checkpoint: {e}")
+            continue
+        return cand
+    if candidates:
+        _warn(trial_dir, "no readable checkpoint left; the trial starts again from epoch 1")
+    return None
 
 
 def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], logits: np.ndarray | None,
                       num_classes: int, keep_checkpoints: int = 2) -> None:
-    cfg = config_from_trial(base, trial)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    marker = trial_dir / NOT_RETRYABLE
+    if marker.is_file():
+        raise NonFiniteLossError(marker.read_text().strip())  # a retry cannot help: fail at once, same reason
+    try:
+        cfg = config_from_trial(base, trial)
+    except ValidationError as e:
+        marker.write_text(f"invalid trial config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
+        raise
     encoded = data[cfg.tokenizer.vocab_size]
     work = Path(tempfile.mkdtemp(prefix="kd-trial-"))  # checkpoints are written here, then persisted by Ray
-    resume_from = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        resume_from = Path(checkpoint.to_directory(str(work / "restored")))
 
     def report(m: EpochMetrics, ckpt: Path | None) -> None:
-        metrics = asdict(m)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+        tune.report(asdict(m), checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
     try:
+        resume_from = _restore_point(tune.get_checkpoint(), trial_dir, work)
         train_student(cfg.student, cfg.train, encoded, logits if cfg.train.alpha < 1.0 else None,
-                      num_classes=num_classes, run_dir=work, tb_dir=Path(tune.get_context().get_trial_dir()) / "tb",
-                      resume_from=resume_from, on_epoch=report, keep_checkpoints=keep_checkpoints,
-                      log=lambda msg: None)
+                      num_classes=num_classes, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
+                      on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
+    except NonFiniteLossError as e:
+        marker.write_text(str(e))
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
