@@ -89,6 +89,10 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         ray_status = statuses.get(trial_id, "")
         error = _error_line(tdir / "error.txt") if (tdir / "error.txt").is_file() else None
         warnings = (tdir / "warnings.txt").read_text().strip() if (tdir / "warnings.txt").is_file() else None
+        if error and ray_status != "ERROR" and (ray_status or epochs >= cfg.train.epochs):
+            # It failed once, Ray retried it and it recovered: the reason stays, as a warning.
+            warnings = "\n".join(filter(None, [warnings, f"recovered after: {error}"]))
+            error = None
         if error or ray_status == "ERROR":
             status = STATUS_FAILED
         elif ray_status in ("RUNNING", "PENDING", "PAUSED"):

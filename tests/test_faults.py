@@ -98,21 +98,25 @@ def test_ctrl_c_saves_state_and_resume_survives_a_corrupt_checkpoint(nsmc_dir, c
     before = _epochs_by_trial(folder)
     assert len(before) < 4 or any(e[-1] < 4 for e in before.values())
 
-    # Corrupt the newest checkpoint of an unfinished trial: resume must notice and fall back to an older one.
-    unfinished = next(folder / f"trial_{t}" for t, e in before.items() if e[-1] < 4)
-    newest = sorted(unfinished.glob("checkpoint_*"))[-1]
-    state = newest / "state.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    # Corrupt every checkpoint of an unfinished trial: resume must notice (never load garbage) and start the
+    # trial again, with a warning.
+    unfinished_id = next(t for t, e in before.items() if e[-1] < 4)
+    unfinished = folder / f"trial_{unfinished_id}"
+    for ckpt in unfinished.glob("checkpoint_*"):
+        state = ckpt / "state.pt"
+        state.write_bytes(state.read_bytes()[:100])
 
     r = run_cli("resume", str(folder))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(row["status"] == "finished" for row in rows)
-    assert "skipping a bad checkpoint" in (unfinished / "warnings.txt").read_text()
+    warnings = (unfinished / "warnings.txt").read_text()
+    assert "skipping a bad checkpoint" in warnings and "starts again from epoch 1" in warnings
+    assert "skipping a bad checkpoint" in next(r["warnings"] for r in rows if r["trial_id"] == unfinished_id)
     after = _epochs_by_trial(folder)
     for t, epochs in before.items():
-        assert after[t][: len(epochs)] == epochs
-        assert after[t][-1] == 4
+        assert after[t][: len(epochs)] == epochs and after[t][-1] == 4
+    assert after[unfinished_id][len(before[unfinished_id])] == 1  # restarted, not resumed from garbage
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir, tmp_path):
