@@ -62,3 +62,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def prepared(nsmc_dir, cache_dir, tmp_path_factory):
+    """(config, Prepared) for the small config: corpus, encodings, tiny teacher and its logits, made once."""
+    from trainable.config import ExperimentConfig
+    from trainable.prepare import prepare
+
+    cfg = ExperimentConfig.model_validate(small_config(nsmc_dir, cache_dir, tmp_path_factory.mktemp("r")))
+    return cfg, prepare(cfg, lambda msg: None)

@@ -3,21 +3,18 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.config import ExperimentConfig, StudentConfig, TrainConfig
+from trainable.config import StudentConfig, TrainConfig
 from trainable.loop import CheckpointError, NonFiniteLossError, load_checkpoint, train_student
-from trainable.prepare import prepare
 
-from conftest import small_config
 
 
 def _quiet(msg):
     pass
 
 
-@pytest.fixture(scope="module")
-def prep(nsmc_dir, cache_dir, tmp_path_factory):
-    cfg = ExperimentConfig.model_validate(small_config(nsmc_dir, cache_dir, tmp_path_factory.mktemp("r")))
-    return cfg, prepare(cfg, _quiet)
+@pytest.fixture
+def prep(prepared):
+    return prepared
 
 
 def _train(prep, tmp, **train):

@@ -6,22 +6,15 @@ import shutil
 import numpy as np
 import pytest
 
-from trainable.config import DataConfig, ExperimentConfig, TeacherConfig
+from trainable.config import DataConfig, TeacherConfig
 from trainable.data import load_corpus
 from trainable.prepare import prepare
 from trainable.teacher import TeacherError, get_logits, get_teacher, load_pretrained
 
-from conftest import small_config
 
 
 def _quiet(msg):
     pass
-
-
-@pytest.fixture(scope="session")
-def prepared(nsmc_dir, cache_dir, tmp_path_factory):
-    cfg = ExperimentConfig.model_validate(small_config(nsmc_dir, cache_dir, tmp_path_factory.mktemp("r")))
-    return cfg, prepare(cfg, _quiet)
 
 
 def test_scratch_teacher_learns_and_logits_align(prepared):
