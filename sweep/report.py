@@ -257,6 +257,9 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
         except Exception:
             pass
         lines.append(f"- edge of the search space: {'yes, ' + '; '.join(edge) + ' (widen the space)' if edge else 'no'}")
+        front = [ranked[i] for i in pareto_front([(r["best_val_acc"], r["params"]) for r in ranked])]
+        lines.append("- Pareto front (validation accuracy up, parameters down): " + ", ".join(
+            f"{r['trial_id']} ({_fmt(r['best_val_acc'])}, {r['params']} params)" for r in sorted(front, key=lambda r: r["params"])))
     lines += ["", "| Rank | Model | vocab size | hidden dim | embedding dim | loss rate | temperature | Acc | Val Acc | Step "
               "| Train Time | step_size | Params | Size | Status |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

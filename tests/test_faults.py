@@ -169,6 +169,18 @@ def test_gpu_fallback_runs_on_cpu_when_asked(nsmc_dir, cache_dir, tmp_path):
     assert r.returncode == 0 and "running on CPU (gpu_fallback)" in r.stderr, r.stderr[-2000:]
 
 
+def test_multi_objective_sweep_records_both_objectives_and_the_pareto_front(nsmc_dir, cache_dir, tmp_path):
+    cfg = sweep_config(tmp_path, nsmc_dir, cache_dir, "pareto", SMALL, objectives="accuracy_and_size")
+    r = run_cli("run", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = tmp_path / "results" / "pareto"
+    with sqlite3.connect(folder / "optuna.db") as db:
+        assert db.execute("select count(distinct objective), count(*) from trial_values").fetchone() == (2, 8)
+    front_line = next(ln for ln in (folder / "report.md").read_text().splitlines() if ln.startswith("- Pareto front"))
+    smallest = min(pq.read_table(folder / "trials.parquet").to_pylist(), key=lambda row: row["params"])
+    assert smallest["trial_id"] in front_line  # the smallest student is always on the front
+
+
 def test_grid_with_a_continuous_space_is_refused_by_the_cli(nsmc_dir, cache_dir, tmp_path):
     cfg = sweep_config(tmp_path, nsmc_dir, cache_dir, "badgrid",
                        {"parameters": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
