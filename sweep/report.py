@@ -189,8 +189,7 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], c=["tab:red" if i in front else "tab:blue" for i in
                                                                range(len(pts))], s=22)
-        fp = sorted(pts[i] for i in front)
-        fp = sorted(fp, key=lambda p: p[1])
+        fp = sorted((pts[i] for i in front), key=lambda p: p[1])
         ax.step([p[1] for p in fp], [p[0] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")

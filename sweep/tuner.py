@@ -6,7 +6,6 @@ Local by default: Ray starts in-process on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -156,8 +155,9 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
 
 
 def _prepare_for_sweep(cfg: Config, space, log: Log) -> Prepared:
-    need_teacher = cfg.train.alpha < 1.0 or (space is not None and "train.alpha" in space.params) or \
-        float(space.fixed.get("train.alpha", cfg.train.alpha) if space is not None else cfg.train.alpha) < 1.0
+    # Alpha == 1 everywhere is plain cross-entropy: no trial needs the teacher, so none is trained.
+    fixed_alpha = space.fixed.get("train.alpha", cfg.train.alpha) if space is not None else cfg.train.alpha
+    need_teacher = fixed_alpha < 1.0 or (space is not None and "train.alpha" in space.params)
     return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=need_teacher)
 
 
