@@ -102,13 +102,15 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         else:
             status = STATUS_STOPPED if epochs > 0 else STATUS_INCOMPLETE
         wall = (results[-1].get("time_total_s") if results else None)
+        nodes = list(dict.fromkeys(r["node_ip"] for r in results if r.get("node_ip")))  # in order of use
         rows.append({
             "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
             **{f"hp.{k}": v for k, v in params.items()},
             "final_val_acc": last.get(METRIC), "best_val_acc": last.get("best_val_acc"),
             "test_acc": last.get("test_acc"), "best_epoch": last.get("best_epoch"), "epochs": epochs,
             "stopped_early": status == STATUS_STOPPED, "params": last.get("params"), "size_kb": last.get("size_kb"),
-            "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "val_acc_curve": curve,
+            "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
+            "val_acc_curve": curve,
         })
     return rows
 
@@ -239,6 +241,12 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
              f"- trials: {len(rows)} ({counts[STATUS_FINISHED]} finished, {counts[STATUS_STOPPED]} stopped early, "
              f"{counts[STATUS_FAILED]} failed, {counts[STATUS_INCOMPLETE]} incomplete); "
              f"epochs trained: {sum(r['epochs'] for r in rows)}"]
+    per_node: dict[str, int] = {}
+    for r in rows:
+        for ip in filter(None, r["nodes"].split(",")):
+            per_node[ip] = per_node.get(ip, 0) + 1
+    if len(per_node) > 1:  # a cluster: where the trials ran (a trial moved by a retry counts on both)
+        lines.append("- nodes: " + ", ".join(f"{ip} ({n} trial{'s' * (n != 1)})" for ip, n in sorted(per_node.items())))
     if teacher:
         lines.append(f"- teacher: {cfg.teacher.source} (val acc {_fmt(teacher.get('val_acc'))}, "
                      f"test acc {_fmt(teacher.get('test_acc'))})")

@@ -58,9 +58,20 @@ def _restore_point(checkpoint, trial_dir: Path, work: Path) -> Path | None:
     return None
 
 
+def _shared_trial_dir() -> Path:
+    """The trial's folder in the sweep's storage (`results_dir`, which every node of a cluster mounts), where Ray
+    also persists its checkpoints. Not `get_trial_dir()`: that is a staging folder under the *driver's* Ray temp
+    dir, which a trial on another node cannot reach (what it writes there would be lost, and a retry on another
+    node would not see it)."""
+    storage = tune.get_context().get_storage()
+    trial_dir = Path(storage.trial_fs_path)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    return trial_dir
+
+
 def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], logits: np.ndarray | None,
                       num_classes: int, keep_checkpoints: int = 2) -> None:
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir = _shared_trial_dir()
     marker = trial_dir / NOT_RETRYABLE
     if marker.is_file():
         raise NonFiniteLossError(marker.read_text().strip())  # a retry cannot help: fail at once, same reason

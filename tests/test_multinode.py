@@ -1,0 +1,111 @@
+"""A sweep on a real two-node Ray cluster (each node a host in a network namespace of its own, see netns_cluster.py),
+driven by `sweep run --address` from the head's host. Trials run on both nodes; then the worker host dies while a
+trial runs there, and the sweep still completes: every trial accounted for, the interrupted trial continued from
+its checkpoint on the surviving node rather than started over."""
+from __future__ import annotations
+
+import glob
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import ROOT, small_config
+from netns_cluster import NetnsCluster, can_make_namespaces
+
+_why_not = can_make_namespaces()
+pytestmark = pytest.mark.skipif(_why_not is not None, reason=str(_why_not))
+
+EPOCHS = 5
+SPACE = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [64, 80, 96, 112]}}}
+
+
+def _results(pattern: str) -> dict[str, list[dict]]:
+    out = {}
+    for f in glob.glob(pattern):
+        rows = []
+        for ln in Path(f).read_text().splitlines():
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError:
+                pass
+        out[Path(f).parent.name] = rows
+    return out
+
+
+def test_sweep_on_two_nodes_survives_losing_the_worker(nsmc_dir, cache_dir, tmp_path):
+    shared = tmp_path / "shared"  # the cluster's shared filesystem (NFS on a real one)
+    shared.mkdir()
+    cfg = small_config(nsmc_dir, cache_dir, shared / "results", train={"epochs": EPOCHS, "threads": 1, "alpha": 0.5},
+                       student={"embedding_dim": 32})
+    cfg["name"] = "cluster"
+    cfg["sweep"] = {"space": SPACE, "searcher": "grid", "max_concurrent": 2, "scheduler": {"kind": "none"},
+                    "max_failures": 2, "resources": {"cpu": 1}}
+    cfg_path = shared / "cluster.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    folder = shared / "results" / "cluster"
+
+    # The worker host sees neither the data, nor the driver's caches, nor the driver's Ray temp dir.
+    with NetnsCluster(tmp_path, hidden_from_worker=[nsmc_dir, cache_dir]) as cluster:
+        assert cluster.alive_nodes() == [cluster.head_ip, cluster.worker_ip]
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = cluster.run_in_head([sys.executable, "-m", "sweep.cli", "run", str(cfg_path),
+                                          "--address", cluster.address], cwd=ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT)
+            try:
+                # Results as the driver receives them (Ray copies them to the shared folder only now and then).
+                staged = str(cluster.head_tmp / "session_*" / "artifacts" / "*" / "cluster" / "driver_artifacts"
+                             / "*" / "result.json")
+                deadline = time.time() + 300
+                victim = None
+                while victim is None:
+                    assert time.time() < deadline, "no trial reported from the worker node in time"
+                    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                    for trial, rows in _results(staged).items():
+                        on_worker = [r for r in rows if r.get("node_ip") == cluster.worker_ip]
+                        if on_worker and max(r["epoch"] for r in rows) <= EPOCHS - 3:  # well before its end
+                            victim = (trial, max(r["epoch"] for r in on_worker))
+                            break
+                    time.sleep(0.1)
+                cluster.kill_worker()
+                rc = driver.wait(timeout=420)
+            finally:
+                if driver.poll() is None:
+                    NetnsCluster._killpg(driver)
+        driver_log = (tmp_path / "driver.log").read_text()
+        assert cluster.alive_nodes() == [cluster.head_ip]
+
+    assert rc == 0, driver_log[-4000:]
+    rows = {r["trial_dir"]: r for r in pq.read_table(folder / "trials.parquet").to_pylist()}
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"finished"}, rows
+
+    # Trials ran on both nodes.
+    nodes = {ip for r in rows.values() for ip in r["nodes"].split(",")}
+    assert nodes == {cluster.head_ip, cluster.worker_ip}
+
+    # The interrupted trial: its first epochs on the worker, the rest on the head, no epoch trained twice.
+    trial, last_on_worker = victim
+    history = _results(str(folder / trial / "result.json"))[trial]
+    epochs = [r["epoch"] for r in history]
+    assert epochs == list(range(1, EPOCHS + 1)), epochs
+    where = [r["node_ip"] for r in history]
+    assert where[0] == cluster.worker_ip and where[-1] == cluster.head_ip, where
+    assert rows[trial]["nodes"] == f"{cluster.worker_ip},{cluster.head_ip}"
+    assert "recovered after" in (rows[trial]["warnings"] or ""), rows[trial]
+    report = (folder / "report.md").read_text()
+    assert f"- nodes: {cluster.head_ip} (" in report and f"{cluster.worker_ip} (" in report
+
+    # What trials wrote from the worker reached the shared folder: TensorBoard events from both hosts.
+    assert len(list((folder / trial / "tb").glob("events.out.tfevents.*"))) == 2
+    for r in rows.values():
+        assert list((folder / r["trial_dir"] / "tb").glob("events.out.tfevents.*")), r["trial_dir"]
+
+    with sqlite3.connect(folder / "optuna.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+    assert states == ["COMPLETE"] * 4
