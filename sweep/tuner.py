@@ -70,6 +70,37 @@ def check_resources(cfg: Config, log: Log) -> dict:
     return {"cpu": res.cpu, "gpu": gpu}
 
 
+def check_shared_storage(folder: Path, log: Log) -> None:
+    """On a cluster, every node must see the sweep folder: trials write their checkpoints and TensorBoard events
+    there, and a retry on another node reads them back. Checked on every live node before any trial starts."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    marker = folder / f".storage-check-{secrets.token_hex(6)}"
+    marker.write_text("")
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker)) for n in nodes]
+        seen = ray.get(refs, timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if missing:
+        raise ConfigError(f"results_dir: {folder.parent} cannot be seen from node(s) {', '.join(missing)}; on a "
+                          f"cluster it must be a shared filesystem every node mounts (cluster/README.md)")
+    log(f"storage: {folder.parent} is shared by all {len(nodes)} nodes")
+
+
 # ----------------------------------------------------------------------------- searcher and scheduler
 
 
@@ -184,6 +215,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         _quiet_ray_env()
         init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
         resources = check_resources(cfg, log)
+        check_shared_storage(folder, log)
         prep = _prepare_for_sweep(cfg, space, log)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing ran: leave nothing behind
@@ -257,6 +289,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     _quiet_ray_env()
     init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
     resources = check_resources(cfg, log)
+    check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
     tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),

@@ -39,47 +39,73 @@ def _results(pattern: str) -> dict[str, list[dict]]:
     return out
 
 
-def test_sweep_on_two_nodes_survives_losing_the_worker(nsmc_dir, cache_dir, tmp_path):
-    shared = tmp_path / "shared"  # the cluster's shared filesystem (NFS on a real one)
-    shared.mkdir()
-    cfg = small_config(nsmc_dir, cache_dir, shared / "results", train={"epochs": EPOCHS, "threads": 1, "alpha": 0.5},
+@pytest.fixture(scope="module")
+def cluster(nsmc_dir, cache_dir, tmp_path_factory):
+    """The worker host sees neither the data, nor the driver's caches, nor the driver's Ray temp dir, nor the
+    driver's private folder; it shares only `shared/` with the head."""
+    base = tmp_path_factory.mktemp("cluster")
+    (base / "private").mkdir()
+    with NetnsCluster(base, hidden_from_worker=[nsmc_dir, cache_dir, base / "private"]) as c:
+        yield c
+
+
+def _config(nsmc_dir, cache_dir, results: Path) -> Path:
+    cfg = small_config(nsmc_dir, cache_dir, results, train={"epochs": EPOCHS, "threads": 1, "alpha": 0.5},
                        student={"embedding_dim": 32})
     cfg["name"] = "cluster"
     cfg["sweep"] = {"space": SPACE, "searcher": "grid", "max_concurrent": 2, "scheduler": {"kind": "none"},
                     "max_failures": 2, "resources": {"cpu": 1}}
-    cfg_path = shared / "cluster.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    folder = shared / "results" / "cluster"
+    path = results.parent / "cluster.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
-    # The worker host sees neither the data, nor the driver's caches, nor the driver's Ray temp dir.
-    with NetnsCluster(tmp_path, hidden_from_worker=[nsmc_dir, cache_dir]) as cluster:
-        assert cluster.alive_nodes() == [cluster.head_ip, cluster.worker_ip]
-        with open(tmp_path / "driver.log", "w") as log:
-            driver = cluster.run_in_head([sys.executable, "-m", "sweep.cli", "run", str(cfg_path),
-                                          "--address", cluster.address], cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT)
-            try:
-                # Results as the driver receives them (Ray copies them to the shared folder only now and then).
-                staged = str(cluster.head_tmp / "session_*" / "artifacts" / "*" / "cluster" / "driver_artifacts"
-                             / "*" / "result.json")
-                deadline = time.time() + 300
-                victim = None
-                while victim is None:
-                    assert time.time() < deadline, "no trial reported from the worker node in time"
-                    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-                    for trial, rows in _results(staged).items():
-                        on_worker = [r for r in rows if r.get("node_ip") == cluster.worker_ip]
-                        if on_worker and max(r["epoch"] for r in rows) <= EPOCHS - 3:  # well before its end
-                            victim = (trial, max(r["epoch"] for r in on_worker))
-                            break
-                    time.sleep(0.1)
-                cluster.kill_worker()
-                rc = driver.wait(timeout=420)
-            finally:
-                if driver.poll() is None:
-                    NetnsCluster._killpg(driver)
-        driver_log = (tmp_path / "driver.log").read_text()
-        assert cluster.alive_nodes() == [cluster.head_ip]
+
+def test_results_dir_that_a_node_cannot_see_is_refused(cluster, nsmc_dir, cache_dir):
+    cfg_path = _config(nsmc_dir, cache_dir, cluster.workdir / "private" / "results")
+    driver = cluster.run_in_head([sys.executable, "-m", "sweep.cli", "run", str(cfg_path), "--address",
+                                  cluster.address], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: results_dir: {cluster.workdir / 'private' / 'results'} cannot be seen from node(s) "
+        f"{cluster.worker_ip}; on a cluster it must be a shared filesystem every node mounts (cluster/README.md)")
+    assert not (cluster.workdir / "private" / "results" / "cluster").exists()  # nothing left behind
+
+
+def test_sweep_on_two_nodes_survives_losing_the_worker(cluster, nsmc_dir, cache_dir):
+    tmp_path = cluster.workdir
+    shared = tmp_path / "shared"  # the cluster's shared filesystem (NFS on a real one)
+    cfg_path = _config(nsmc_dir, cache_dir, shared / "results")
+    folder = shared / "results" / "cluster"
+    assert cluster.alive_nodes() == [cluster.head_ip, cluster.worker_ip]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = cluster.run_in_head([sys.executable, "-m", "sweep.cli", "run", str(cfg_path),
+                                      "--address", cluster.address], cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        try:
+            # Results as the driver receives them (Ray copies them to the shared folder only now and then).
+            staged = str(cluster.head_tmp / "session_*" / "artifacts" / "*" / "cluster" / "driver_artifacts"
+                         / "*" / "result.json")
+            deadline = time.time() + 300
+            victim = None
+            while victim is None:
+                assert time.time() < deadline, "no trial reported from the worker node in time"
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                for trial, rows in _results(staged).items():
+                    on_worker = [r for r in rows if r.get("node_ip") == cluster.worker_ip]
+                    if on_worker and max(r["epoch"] for r in rows) <= EPOCHS - 3:  # well before its end
+                        victim = trial
+                        break
+                time.sleep(0.1)
+            cluster.kill_worker()
+            rc = driver.wait(timeout=420)
+        finally:
+            if driver.poll() is None:
+                NetnsCluster._killpg(driver)
+    driver_log = (tmp_path / "driver.log").read_text()
+    assert cluster.alive_nodes() == [cluster.head_ip]
 
     assert rc == 0, driver_log[-4000:]
     rows = {r["trial_dir"]: r for r in pq.read_table(folder / "trials.parquet").to_pylist()}
@@ -90,7 +116,7 @@ def test_sweep_on_two_nodes_survives_losing_the_worker(nsmc_dir, cache_dir, tmp_
     assert nodes == {cluster.head_ip, cluster.worker_ip}
 
     # The interrupted trial: its first epochs on the worker, the rest on the head, no epoch trained twice.
-    trial, last_on_worker = victim
+    trial = victim
     history = _results(str(folder / trial / "result.json"))[trial]
     epochs = [r["epoch"] for r in history]
     assert epochs == list(range(1, EPOCHS + 1)), epochs
