@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainable.teacher import TeacherError
 
     from .config import ConfigError
+    from .runs import StorageError
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SpaceError, DataError, TeacherError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -103,6 +103,41 @@ class ResumableASHA(ASHAScheduler):
         return n
 
 
+STORAGE_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                  "database or disk is full", "attempt to write a readonly database")
+
+
+def storage_problem(text: str) -> str | None:
+    """The storage failure named in an error text (a full disk, a read-only mount), if any."""
+    return next((e for e in STORAGE_ERRORS if e in text), None)
+
+
+class StorageFailure(RuntimeError):
+    """The results folder cannot be written: retrying trials cannot help, the sweep must stop."""
+
+
+class StorageGuard(Callback):
+    """Stops the sweep at the first trial that failed because the storage is full or read-only, instead of
+    letting Ray burn every trial's retries on it. The last saved state and checkpoints stay as they were (writes
+    to the storage are atomic), so `sweep resume` continues once the storage is fixed."""
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._check(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._check(trial)
+
+    @staticmethod
+    def _check(trial) -> None:
+        try:
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+        except OSError:
+            return
+        problem = storage_problem(text)
+        if problem:
+            raise StorageFailure(problem)
+
+
 class Progress(Callback):
     """One line on stderr at most every `every_s`: trials running / finished / stopped early / failed, best so far."""
 

@@ -64,6 +64,21 @@ def _error_line(path: Path) -> str:
     return (lines[-1] if lines else "unknown error")[:500]
 
 
+def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
+    """Epochs missing from Ray's result.json (its copy to storage was cut short by a storage failure, and the
+    trial then resumed past them) are taken from the metric history the newest readable checkpoint carries."""
+    from trainable.loop import CheckpointError, load_checkpoint
+
+    for ckpt in sorted(tdir.glob("checkpoint_*"), reverse=True):
+        try:
+            history = load_checkpoint(ckpt).get("history", [])
+        except (CheckpointError, OSError, RuntimeError):
+            continue
+        for m in history:
+            by_epoch.setdefault(int(m["epoch"]), m)
+        return
+
+
 def collect_trials(folder: Path, cfg: Config) -> list[dict]:
     """One dict per trial: hyperparameters, accuracies, epochs, status, error, curve."""
     statuses = _ray_statuses(folder)
@@ -83,6 +98,8 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         trial_id = trial_id or tdir.name.removeprefix("trial_")
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
+        if by_epoch and len(by_epoch) < max(by_epoch):
+            _fill_from_checkpoint(tdir, by_epoch)
         curve = [by_epoch[e][METRIC] for e in sorted(by_epoch)]
         last = by_epoch[max(by_epoch)] if by_epoch else {}
         epochs = max(by_epoch) if by_epoch else 0

@@ -15,6 +15,10 @@ from trainable.io import write_json, write_text
 from .config import Config, ConfigError
 
 
+class StorageError(RuntimeError):
+    """The results folder became unwritable mid-sweep (full disk, read-only mount)."""
+
+
 def code_version() -> dict:
     """The package version and, inside a git checkout, the commit and whether the tree had changes."""
     from importlib.metadata import PackageNotFoundError, version

@@ -16,7 +16,7 @@ from trainable.loop import METRIC, MODE
 from trainable.prepare import Prepared, prepare
 
 from .config import Config, ConfigError, load_config, load_space_for, student_vocab_sizes, validate
-from .runs import claim_dir, stamp
+from .runs import StorageError, claim_dir, stamp
 
 Log = Callable[[str], None]
 STUDY_FILE = "optuna.db"
@@ -173,14 +173,17 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from .ray_parts import Progress
+    from trainable.io import atomic_local_filesystem
+
+    from .ray_parts import Progress, StorageGuard
 
     return tune.RunConfig(
         name=folder.name,
         storage_path=str(folder.parent.resolve()),
+        storage_filesystem=atomic_local_filesystem(),  # a full disk never leaves Ray's state half-written
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.keep_checkpoints),
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), Progress(total, cfg.train.epochs)],
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), Progress(total, cfg.train.epochs), StorageGuard()],
         verbose=0,
     )
 
@@ -255,11 +258,22 @@ def _save_artifacts(folder: Path, prep: Prepared) -> None:
 def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
     from .report import build_report
 
+    from .ray_parts import storage_problem
+
     t0 = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         grid = None
+    except Exception as e:
+        problem = storage_problem(_chain_text(e))
+        if problem is None:
+            raise
+        import ray
+
+        ray.shutdown()  # stops the trials now, so their own reports of the same failure come before our line
+        raise StorageError(f"results_dir: {problem.lower()} while writing {folder}; the sweep stopped, its saved "
+                           f"state and checkpoints are intact: fix the storage, then run: sweep resume {folder}")
     trials = grid._experiment_analysis.trials if grid is not None else []
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if grid is None or unfinished or len(trials) < total:
@@ -272,6 +286,15 @@ def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
     report = build_report(folder, log=log)
     log(f"report: {report}")
     return 0
+
+
+def _chain_text(e: BaseException) -> str:
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def resume_sweep(target: str, address: str | None = None, log: Log = print) -> int:
@@ -292,6 +315,8 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
+    from trainable.io import atomic_local_filesystem
+
     tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
-                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+                               storage_filesystem=atomic_local_filesystem(), resume_unfinished=True, resume_errored=False, restart_errored=False)
     return _fit_and_report(tuner, folder, num_samples(cfg, space), log)

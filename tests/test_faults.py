@@ -250,3 +250,82 @@ def test_tensorboard_binds_to_loopback(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk or read-only mount is simulated with mount(8): needs root")
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsmc_dir, cache_dir, tmp_path, fault):
+    """The results folder fills up (a 64 MB tmpfs, filled to the last byte) or turns read-only (a read-only bind
+    mount over it) while trials run: the sweep stops with one line and exit 1, Ray's saved state and the
+    checkpoints stay readable, and once the storage is fixed `sweep resume` finishes every trial."""
+    from trainable.loop import CheckpointError, load_checkpoint
+
+    store = tmp_path / "store"
+    store.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=64m", "kd-test", str(store))
+    mounts = [store]
+    try:
+        cfg = small_config(nsmc_dir, cache_dir, store / "results", train={"epochs": 6, "threads": 1},
+                           student={"embedding_dim": 16, "hidden_dim": 16})
+        cfg["name"] = "storage"
+        cfg["sweep"] = {"space": SMALL, "searcher": "grid", "max_concurrent": 2, "scheduler": {"kind": "none"}}
+        cfg_path = tmp_path / "storage.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        folder = store / "results" / "storage"
+        proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg_path)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: len(list(folder.glob("trial_*/checkpoint_*"))) >= 2, proc=proc)
+        if fault == "disk full":
+            with open(store / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+        else:
+            _mount("--bind", str(store / "results"), str(store / "results"))
+            mounts.append(store / "results")
+            _mount("-o", "remount,bind,ro", str(store / "results"))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-3000:]
+        expected = "no space left on device" if fault == "disk full" else "read-only file system"
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: results_dir: {expected} while writing {folder}"), last
+        assert last.endswith(f"sweep resume {folder}"), last
+
+        # Ray's experiment state is whole, no file is half-written; a checkpoint folder whose copy was cut short
+        # is refused by its hash check, never loaded; the older ones load.
+        for state in folder.glob("experiment_state-*.json"):
+            json.loads(state.read_text())
+        assert not [p for p in folder.rglob(".*.tmp")]
+        loaded = 0
+        for ckpt in folder.glob("trial_*/checkpoint_*"):
+            try:
+                load_checkpoint(ckpt)
+                loaded += 1
+            except CheckpointError:
+                pass
+        assert loaded >= 1
+
+        if fault == "disk full":
+            (store / "filler").unlink()
+        else:
+            subprocess.run(["umount", str(mounts.pop())], check=True)
+        r = run_cli("resume", str(folder))
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = pq.read_table(folder / "trials.parquet").to_pylist()
+        assert len(rows) == 4 and {row["status"] for row in rows} == {"finished"}, rows
+        for trial, epochs in _epochs_by_trial(folder).items():
+            # Continued, nothing trained twice. (Ray's copy of result.json may miss a row or two written just
+            # before the failure: the report fills those from the checkpoint's own history.)
+            assert epochs == sorted(set(epochs)) and epochs[-1] == 6, (trial, epochs)
+        for row in rows:
+            assert len(row["val_acc_curve"]) == 6, row
+    finally:
+        for m in reversed(mounts):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)

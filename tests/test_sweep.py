@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -153,6 +154,58 @@ def test_existing_sweep_name_is_refused(sweep):
     r = run_cli("run", str(sweep["config"]))
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (sweep["folder"] / "trials.parquet").read_bytes() == before
+
+
+def _val_acc_by_epoch(folder: Path) -> dict[str, dict[int, float]]:
+    out = {}
+    for rfile in folder.glob("trial_*/result.json"):
+        rows = [json.loads(ln) for ln in rfile.read_text().splitlines() if ln.strip()]
+        out[rows[-1]["trial_id"]] = {r["epoch"]: r["val_acc"] for r in rows}
+    return out
+
+
+def test_asha_rungs_rebuilt_after_a_restart_equal_the_recorded_ones(sweep):
+    """Ray keeps no scheduler state across a driver restart; ResumableASHA rebuilds its rungs from the results on
+    disk. They must equal what live ASHA recorded (each trial's value at each milestone it reached), and a newcomer
+    must be judged against them: stopped below the rung's cutoff, where an ASHA with empty rungs would let it go on."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweep.report import load_sweep_config
+    from sweep.tuner import make_scheduler
+
+    folder = sweep["folder"]
+    cfg = load_sweep_config(folder)
+    asha = make_scheduler(cfg, folder)
+    newcomer = SimpleNamespace(trial_id="newcomer")
+    asha.on_trial_add(None, newcomer)  # the first trial after a restart triggers the replay
+    rungs = {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs}
+    assert sorted(rungs) == [1, 2]
+    history = _val_acc_by_epoch(folder)
+    assert rungs == {m: {t: acc[m] for t, acc in history.items() if m in acc} for m in rungs}
+    assert len(rungs[1]) == 8 and len(rungs[2]) >= 1
+
+    below = min(rungs[1].values()) - 0.01
+    assert asha.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": below}) == "STOP"
+    fresh = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=3, grace_period=1,
+                          reduction_factor=2)
+    fresh.on_trial_add(None, newcomer)
+    assert fresh.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": below}) == "CONTINUE"
+
+
+def test_report_fills_result_rows_lost_with_a_storage_failure_from_the_checkpoint(sweep, tmp_path):
+    from sweep.report import collect_trials, load_sweep_config
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sweep["folder"], folder)
+    cfg = load_sweep_config(folder)
+    before = {r["trial_id"]: r["val_acc_curve"] for r in collect_trials(folder, cfg)}
+    finished = next(r for r in collect_trials(folder, cfg) if r["status"] == "finished")
+    rfile = folder / finished["trial_dir"] / "result.json"
+    rfile.write_text("\n".join(rfile.read_text().splitlines()[1:]) + "\n")  # epoch 1's row is gone
+    after = {r["trial_id"]: r["val_acc_curve"] for r in collect_trials(folder, cfg)}
+    assert after == before and len(after[finished["trial_id"]]) == 3
 
 
 def _study_params(db_path: Path, n: int) -> list[dict]:
