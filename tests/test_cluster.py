@@ -43,9 +43,11 @@ def safety_problems(cfg: dict) -> list[str]:
     if "--head" in head and "--include-dashboard=false" not in head and "--dashboard-host=127.0.0.1" not in head:
         problems.append("the dashboard is not bound to 127.0.0.1")
     for cmd in cfg.get("setup_commands", []):
-        for pkg in re.findall(r'"([a-zA-Z0-9_.\-\[\]]+)(?:[<>=@ ][^"]*)?"', cmd):
+        for pkg in re.findall(r'"([a-zA-Z0-9_.,\-\[\]]+)(?:[<>=@ ][^"]*)?"', cmd):
             if pkg.split("[")[0] in ("ray", "torch", "kd-sweep") and not re.search(re.escape(pkg) + r"\s*(==|@)", cmd):
                 problems.append(f"{pkg} is not pinned: {cmd}")
+            if pkg.split("[")[0] == "ray" and "default" not in pkg:
+                problems.append(f"{pkg} lacks the [default] extra (the dashboard and `ray job submit` need it)")
     for src, dst in cfg.get("file_mounts", {}).items():
         if "auth_token" in src and not str(dst).startswith("~"):
             problems.append("the auth token must be mounted from the user's machine")
@@ -90,7 +92,10 @@ def test_every_field_is_commented():
     (lambda c: c.__setitem__("worker_start_ray_commands", ["ray start --address=$RAY_HEAD_IP:6379"]), "token"),
     (lambda c: c["available_node_types"]["head"]["node_config"].pop("SecurityGroupIds"), "SecurityGroupIds"),
     (lambda c: c["available_node_types"]["gpu1"]["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
-    (lambda c: c.__setitem__("setup_commands", ['python3 -m pip install "ray[tune]" "torch==2.13.0"']), "not pinned"),
+    (lambda c: c.__setitem__("setup_commands", ['python3 -m pip install "ray[default,tune]" "torch==2.13.0"']),
+     "not pinned"),
+    (lambda c: c.__setitem__("setup_commands", ['python3 -m pip install "ray[tune]==2.60.0" "torch==2.13.0"']),
+     "[default] extra"),
 ])
 def test_an_unsafe_config_fails_the_check(mutate, expected):
     cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
