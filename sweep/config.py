@@ -47,6 +47,7 @@ class SweepSection(Section):
     resources: ResourcesSection = ResourcesSection()
     max_failures: NonNegativeInt = 1  # retries of a trial whose process died (not of one that raised)
     keep_checkpoints: PositiveInt = 2
+    reuse_actors: bool = True  # run the next trial in a finished trial's process (saves Ray's per-trial start)
     address: Optional[str] = None  # an existing Ray cluster; None: local Ray on 127.0.0.1
     dashboard: bool = False
 

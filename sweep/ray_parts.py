@@ -103,13 +103,16 @@ class ResumableASHA(ASHAScheduler):
         return n
 
 
-STORAGE_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                  "database or disk is full", "attempt to write a readonly database")
+STORAGE_ERRORS = {"No space left on device": "no space left on device",
+                  "database or disk is full": "no space left on device",  # SQLite's words (the Optuna study)
+                  "Disk quota exceeded": "disk quota exceeded",
+                  "Read-only file system": "read-only file system",
+                  "attempt to write a readonly database": "read-only file system"}
 
 
 def storage_problem(text: str) -> str | None:
-    """The storage failure named in an error text (a full disk, a read-only mount), if any."""
-    return next((e for e in STORAGE_ERRORS if e in text), None)
+    """The storage failure named in an error text (a full disk, a read-only mount), in one wording, if any."""
+    return next((plain for words, plain in STORAGE_ERRORS.items() if words in text), None)
 
 
 class StorageFailure(RuntimeError):

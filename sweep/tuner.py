@@ -235,7 +235,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         _trainable(cfg, prep, resources),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
-            scheduler=make_scheduler(cfg, folder), num_samples=total, reuse_actors=False,
+            scheduler=make_scheduler(cfg, folder), num_samples=total, reuse_actors=cfg.sweep.reuse_actors,
             trial_dirname_creator=trial_dirname),
         run_config=_run_config(cfg, folder, total, log),
     )
@@ -272,7 +272,7 @@ def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
         import ray
 
         ray.shutdown()  # stops the trials now, so their own reports of the same failure come before our line
-        raise StorageError(f"results_dir: {problem.lower()} while writing {folder}; the sweep stopped, its saved "
+        raise StorageError(f"results_dir: {problem} while writing {folder}; the sweep stopped, its saved "
                            f"state and checkpoints are intact: fix the storage, then run: sweep resume {folder}")
     trials = grid._experiment_analysis.trials if grid is not None else []
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]

@@ -269,9 +269,13 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     for t, epochs in finished_before.items():
         assert after[t] == epochs, f"finished trial {t} was trained again"
     for t, epochs in after.items():
-        assert epochs == sorted(set(epochs)) and epochs[0] == 1, f"trial {t} restarted its epoch count: {epochs}"
+        # No epoch trained twice: an unfinished trial continues from its newest checkpoint on storage.
+        assert epochs == sorted(set(epochs)), f"trial {t} restarted its epoch count: {epochs}"
     for t, epochs in before.items():
         assert after[t][: len(epochs)] == epochs  # unfinished trials continued where they were
+    for row in rows:
+        # Rows Ray had not yet copied to storage when the driver died come back from the checkpoint's history.
+        assert len(row["val_acc_curve"]) == row["epochs"], row
     with sqlite3.connect(folder / "optuna.db") as db:
         states = [s for (s,) in db.execute("select state from trials")]
     assert "RUNNING" not in states

@@ -14,6 +14,7 @@ Failure rules:
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -37,8 +38,19 @@ def _warn(trial_dir: Path, msg: str) -> None:
         f.write(msg + "\n")
 
 
+def _epoch_of(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "meta.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def _restore_point(checkpoint, trial_dir: Path, work: Path) -> Path | None:
-    """The newest checkpoint that passes its hash check: Ray's latest, then the trial's older ones."""
+    """The newest checkpoint that passes its hash check, among Ray's latest and the trial's own on storage.
+
+    The newest by epoch, not simply Ray's: Ray's saved state can lag the checkpoints on storage by an epoch
+    (it is copied in the background, and a crash can land in between); resuming from the older one would
+    train an epoch twice."""
     candidates: list[Path] = []
     if checkpoint is not None:
         try:
@@ -46,6 +58,7 @@ def _restore_point(checkpoint, trial_dir: Path, work: Path) -> Path | None:
         except Exception as e:  # a checkpoint folder that vanished or cannot be read
             _warn(trial_dir, f"cannot fetch checkpoint {checkpoint.path}: {e}")
     candidates += sorted(trial_dir.glob("checkpoint_*"), reverse=True)
+    candidates.sort(key=_epoch_of, reverse=True)  # stable: Ray's copy first among equals
     for cand in candidates:
         try:
             load_checkpoint(cand)
