@@ -65,8 +65,9 @@ def _error_line(path: Path) -> str:
 
 
 def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
-    """Epochs missing from Ray's result.json (its copy to storage was cut short by a storage failure, and the
-    trial then resumed past them) are taken from the metric history the newest readable checkpoint carries."""
+    """Epochs missing from Ray's result.json are taken from the metric history the newest readable checkpoint
+    carries. Ray copies result.json to storage in the background; when the driver dies or the storage fails before
+    a copy, the resumed trial continues from its newest checkpoint, past the rows that never arrived."""
     from trainable.loop import CheckpointError, load_checkpoint
 
     for ckpt in sorted(tdir.glob("checkpoint_*"), reverse=True):

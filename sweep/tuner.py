@@ -256,9 +256,8 @@ def _save_artifacts(folder: Path, prep: Prepared) -> None:
 
 
 def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
-    from .report import build_report
-
     from .ray_parts import storage_problem
+    from .report import build_report
 
     t0 = time.time()
     try:
@@ -300,6 +299,8 @@ def _chain_text(e: BaseException) -> str:
 def resume_sweep(target: str, address: str | None = None, log: Log = print) -> int:
     from ray import tune
 
+    from trainable.io import atomic_local_filesystem
+
     from .report import find_sweep
 
     folder = find_sweep(target)
@@ -315,8 +316,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
-    from trainable.io import atomic_local_filesystem
-
     tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
-                               storage_filesystem=atomic_local_filesystem(), resume_unfinished=True, resume_errored=False, restart_errored=False)
+                               storage_filesystem=atomic_local_filesystem(), resume_unfinished=True,
+                               resume_errored=False, restart_errored=False)
     return _fit_and_report(tuner, folder, num_samples(cfg, space), log)
