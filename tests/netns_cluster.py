@@ -35,8 +35,53 @@ def can_make_namespaces() -> str | None:
     return None
 
 
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
+def _sh(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def two_hosts(ns_a: str, ip_a: str, ns_b: str, ip_b: str) -> None:
+    """Two hosts, each a network namespace of its own, joined by a veth pair on a /24."""
+    dev_a, dev_b = f"{ns_a}v", f"{ns_b}v"
+    for ns in (ns_a, ns_b):
+        _sh("ip", "netns", "add", ns)
+    _sh("ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
+    for ns, dev, ip in ((ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b)):
+        _sh("ip", "link", "set", dev, "netns", ns)
+        _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "-n", ns, "link", "set", dev, "up")
+
+
+def kill_namespace(ns: str) -> None:
+    """Every process left in one of our own namespaces, by PID."""
+    for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def killpg(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def remove_hosts(procs: list[subprocess.Popen], namespaces: list[str], dirs: list[Path]) -> None:
+    for p in procs:
+        killpg(p)
+    for ns in namespaces:
+        kill_namespace(ns)  # daemons that left our process groups
+    time.sleep(0.5)
+    for ns in namespaces:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class NetnsCluster:
@@ -86,17 +131,7 @@ class NetnsCluster:
         return self
 
     def _network(self) -> None:
-        _sh("ip", "netns", "add", self.head_ns)
-        _sh("ip", "netns", "add", self.worker_ns)
-        a, b = f"kda{self.tag}", f"kdb{self.tag}"
-        _sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
-        _sh("ip", "link", "set", a, "netns", self.head_ns)
-        _sh("ip", "link", "set", b, "netns", self.worker_ns)
-        _sh("ip", "-n", self.head_ns, "addr", "add", f"{self.head_ip}/24", "dev", a)
-        _sh("ip", "-n", self.worker_ns, "addr", "add", f"{self.worker_ip}/24", "dev", b)
-        for ns, dev in ((self.head_ns, a), (self.worker_ns, b)):
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        two_hosts(self.head_ns, self.head_ip, self.worker_ns, self.worker_ip)
 
     def _start(self, name: str, ns: str, cmd: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "w")
@@ -129,38 +164,9 @@ class NetnsCluster:
 
     def kill_worker(self) -> None:
         """The worker host dies: every process of its node at once (raylet, object store, trial workers)."""
-        self._killpg(self.procs["worker"])
-        self._kill_namespace(self.worker_ns)
-
-    @staticmethod
-    def _killpg(p: subprocess.Popen) -> None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-
-    @staticmethod
-    def _kill_namespace(ns: str) -> None:
-        """Stragglers that left our process groups: only processes inside our own namespaces, by PID."""
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        killpg(self.procs["worker"])
+        kill_namespace(self.worker_ns)
 
     # ------------------------------------------------------------------ teardown
     def __exit__(self, *exc) -> None:
-        for p in self.procs.values():
-            self._killpg(p)
-        for ns in (self.head_ns, self.worker_ns):
-            self._kill_namespace(ns)
-        time.sleep(0.5)
-        for ns in (self.head_ns, self.worker_ns):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        for d in (self.head_tmp, self.worker_tmp):
-            shutil.rmtree(d, ignore_errors=True)
+        remove_hosts(list(self.procs.values()), [self.head_ns, self.worker_ns], [self.head_tmp, self.worker_tmp])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, small_config
-from netns_cluster import NetnsCluster, can_make_namespaces
+from netns_cluster import NetnsCluster, can_make_namespaces, killpg
 
 _why_not = can_make_namespaces()
 pytestmark = pytest.mark.skipif(_why_not is not None, reason=str(_why_not))
@@ -103,7 +103,7 @@ def test_sweep_on_two_nodes_survives_losing_the_worker(cluster, nsmc_dir, cache_
             rc = driver.wait(timeout=420)
         finally:
             if driver.poll() is None:
-                NetnsCluster._killpg(driver)
+                killpg(driver)
     driver_log = (tmp_path / "driver.log").read_text()
     assert cluster.alive_nodes() == [cluster.head_ip]
 

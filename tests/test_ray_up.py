@@ -11,9 +11,9 @@ no setup_commands (they pip-install pinned packages from the internet; this mach
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, small_config
+from netns_cluster import _sh, remove_hosts, two_hosts
 
 SSHD = "/usr/sbin/sshd"
 
@@ -36,18 +37,12 @@ def _why_not() -> str | None:
             return f"{tool} is not installed"
     if not Path(SSHD).exists():
         return "no SSH server (Debian's openssh-server; .ci/run installs it)"
-    try:
-        import aiohttp  # noqa: F401  (Ray's dashboard and job API: ray[default])
-    except ImportError:
+    if importlib.util.find_spec("aiohttp") is None:  # Ray's dashboard and job API: ray[default]
         return "ray[default] is not installed (the job API needs it)"
     return None
 
 
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
-
-
-def _sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 class Hosts:
@@ -76,17 +71,7 @@ class Hosts:
         return self
 
     def _network(self) -> None:
-        a, b = f"{self.client_ns}a", f"{self.head_ns}b"
-        for ns in (self.client_ns, self.head_ns):
-            _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
-        _sh("ip", "link", "set", a, "netns", self.client_ns)
-        _sh("ip", "link", "set", b, "netns", self.head_ns)
-        _sh("ip", "-n", self.client_ns, "addr", "add", f"{self.client_ip}/24", "dev", a)
-        _sh("ip", "-n", self.head_ns, "addr", "add", f"{self.head_ip}/24", "dev", b)
-        for ns, dev in ((self.client_ns, a), (self.head_ns, b)):
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        two_hosts(self.client_ns, self.client_ip, self.head_ns, self.head_ip)
         # Ray finds a node's own address through its default route (a UDP connect; nothing is sent).
         _sh("ip", "-n", self.head_ns, "route", "add", "default", "via", self.client_ip)
 
@@ -125,7 +110,7 @@ class Hosts:
                 top = d.relative_to("/root").parts[0]
                 (self.head_home / top).mkdir(exist_ok=True)
                 keep.append(f"mount --bind /root/{top} {self.head_home / top}")
-        inner = " && ".join([f"mkdir -p /tmp/ray", f"mount --bind {self.head_ray_tmp} /tmp/ray", *keep,
+        inner = " && ".join(["mkdir -p /tmp/ray", f"mount --bind {self.head_ray_tmp} /tmp/ray", *keep,
                              f"mount --rbind {self.head_home} /root", f"exec {SSHD} -D -e -f {conf}"])
         self._spawn("sshd", ["ip", "netns", "exec", self.head_ns, "unshare", "--pid", "--fork", "--mount-proc",
                              "--mount", "--propagation", "private", "sh", "-c", inner], {})
@@ -162,26 +147,8 @@ class Hosts:
         return [ln.split()[3] for ln in _sh("ip", "netns", "exec", self.head_ns, "ss", "-ltnH").splitlines()]
 
     def __exit__(self, *exc) -> None:
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        for ns in (self.client_ns, self.head_ns):
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-        time.sleep(0.5)
-        for ns in (self.client_ns, self.head_ns):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        for d in (self.head_ray_tmp, self.client_ray_tmp):
-            shutil.rmtree(d, ignore_errors=True)
+        remove_hosts(list(reversed(self.procs)), [self.client_ns, self.head_ns],
+                     [self.head_ray_tmp, self.client_ray_tmp])
 
 
 def test_ray_up_local_yaml_job_submit_and_ray_down(nsmc_dir, cache_dir, tmp_path):
