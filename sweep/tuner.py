@@ -188,11 +188,23 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
     )
 
 
+def needs_teacher(base_alpha: float, space) -> bool:
+    """Whether any trial can have a loss rate below 1. Alpha == 1 everywhere is plain cross-entropy: then no trial
+    needs the teacher, and none is trained. Alpha can come from the base config, the space's fixed values, a
+    `train.alpha` parameter, or a bundle choice that sets it."""
+    if space is None:
+        return base_alpha < 1.0
+    param = space.params.get("train.alpha")
+    if param is not None:  # every trial gets its alpha from the parameter
+        return param.type != "categorical" or any(a < 1.0 for a in param.choices)
+    alphas = [space.fixed.get("train.alpha", base_alpha)]
+    alphas += [c["train.alpha"] for p in space.params.values() if isinstance(p.choices, dict)
+               for c in p.choices.values() if "train.alpha" in c]
+    return any(a < 1.0 for a in alphas)
+
+
 def _prepare_for_sweep(cfg: Config, space, log: Log) -> Prepared:
-    # Alpha == 1 everywhere is plain cross-entropy: no trial needs the teacher, so none is trained.
-    fixed_alpha = space.fixed.get("train.alpha", cfg.train.alpha) if space is not None else cfg.train.alpha
-    need_teacher = fixed_alpha < 1.0 or (space is not None and "train.alpha" in space.params)
-    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=need_teacher)
+    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=needs_teacher(cfg.train.alpha, space))
 
 
 def _quiet_ray_env() -> None:

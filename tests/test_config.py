@@ -163,3 +163,20 @@ def test_fuzzed_yaml_text_is_accepted_or_refused_cleanly(tmp_path, text):
         load_config(p)
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize("base_alpha,space,expected", [
+    (1.0, None, False),
+    (0.5, None, True),
+    (1.0, {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [8, 16]}}}, False),
+    (1.0, {"parameters": {"train.alpha": {"type": "float", "low": 0.0, "high": 1.0}}}, True),
+    (0.5, {"parameters": {"train.alpha": {"type": "categorical", "choices": [1.0]}}}, False),
+    (0.5, {"parameters": {"x": {"type": "categorical", "choices": [8]}}, "fixed": {"train.alpha": 1.0}}, False),
+    # a bundle that turns distillation on for some trials, while the base config has it off
+    (1.0, {"parameters": {"mode": {"type": "categorical", "choices": {
+        "plain": {"student.hidden_dim": 8}, "kd": {"student.hidden_dim": 8, "train.alpha": 0.5}}}}}, True),
+])
+def test_the_teacher_is_prepared_exactly_when_some_trial_distils(base_alpha, space, expected):
+    from sweep.tuner import needs_teacher
+
+    assert needs_teacher(base_alpha, load_space(space) if space else None) is expected
