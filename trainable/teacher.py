@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,11 @@ def load_pretrained(source: str | Path, num_classes: int | None, trust_remote_co
         model = AutoModelForSequenceClassification.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TeacherError(f"teacher.source: cannot load {src!r} as a sequence classifier ({first})") from None
+        hint = ""
+        if "connect" in first and not os.environ.get("HF_HUB_OFFLINE"):
+            hint = ("; without network, give a local folder made by save_pretrained, or set HF_HUB_OFFLINE=1 to use "
+                    "the Hugging Face cache only (and fail at once)")
+        raise TeacherError(f"teacher.source: cannot load {src!r} as a sequence classifier ({first}){hint}") from None
     return model, tok
 
 
