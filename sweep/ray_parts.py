@@ -112,7 +112,8 @@ STORAGE_ERRORS = {"No space left on device": "no space left on device",
 
 def storage_problem(text: str) -> str | None:
     """The storage failure named in an error text (a full disk, a read-only mount), in one wording, if any."""
-    return next((plain for words, plain in STORAGE_ERRORS.items() if words in text), None)
+    text = text.lower()
+    return next((plain for words, plain in STORAGE_ERRORS.items() if words.lower() in text), None)
 
 
 class StorageFailure(RuntimeError):

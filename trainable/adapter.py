@@ -2,8 +2,8 @@
 trial side.
 
 Per-trial dict -> typed config (once, here) -> the plain loop, whose per-epoch callback becomes `tune.report`
-with the epoch's checkpoint folder. A trial restored by Ray continues from `tune.get_checkpoint()`, and the
-`epoch` it reports (ASHA's time attribute) continues too, unlike Ray's own `training_iteration`.
+with the epoch's checkpoint folder. A trial restored by Ray continues from its newest checkpoint in storage,
+and the `epoch` it reports (ASHA's time attribute) continues too, unlike Ray's own `training_iteration`.
 
 Failure rules:
 - a checkpoint that fails its hash check is skipped for the trial's previous one (or a fresh start), with a
@@ -45,20 +45,14 @@ def _epoch_of(ckpt: Path) -> int:
         return -1
 
 
-def _restore_point(checkpoint, trial_dir: Path, work: Path) -> Path | None:
-    """The newest checkpoint that passes its hash check, among Ray's latest and the trial's own on storage.
+def _restore_point(trial_dir: Path) -> Path | None:
+    """The newest of the trial's checkpoints on storage that passes its hash check.
 
-    The newest by epoch, not simply Ray's: Ray's saved state can lag the checkpoints on storage by an epoch
-    (it is copied in the background, and a crash can land in between); resuming from the older one would
-    train an epoch twice."""
-    candidates: list[Path] = []
-    if checkpoint is not None:
-        try:
-            candidates.append(Path(checkpoint.to_directory(str(work / "restored"))))
-        except Exception as e:  # a checkpoint folder that vanished or cannot be read
-            _warn(trial_dir, f"cannot fetch checkpoint {checkpoint.path}: {e}")
-    candidates += sorted(trial_dir.glob("checkpoint_*"), reverse=True)
-    candidates.sort(key=_epoch_of, reverse=True)  # stable: Ray's copy first among equals
+    Ray persists every checkpoint into the trial's folder, so its own latest (`tune.get_checkpoint()`) is among
+    them; the newest by epoch is taken rather than Ray's, because Ray's saved state can lag the checkpoints on
+    storage by an epoch (it is copied in the background, and a crash can land in between), and resuming from the
+    older one would train an epoch twice."""
+    candidates = sorted(trial_dir.glob("checkpoint_*"), key=_epoch_of, reverse=True)
     for cand in candidates:
         try:
             load_checkpoint(cand)
@@ -100,7 +94,7 @@ def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], 
         tune.report(asdict(m), checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
     try:
-        resume_from = _restore_point(tune.get_checkpoint(), trial_dir, work)
+        resume_from = _restore_point(trial_dir)
         train_student(cfg.student, cfg.train, encoded, logits if cfg.train.alpha < 1.0 else None,
                       num_classes=num_classes, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
                       on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
