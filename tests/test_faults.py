@@ -276,6 +276,7 @@ def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsm
     store.mkdir()
     _mount("-t", "tmpfs", "-o", "size=64m", "kd-test", str(store))
     mounts = [store]
+    _mount("--make-private", str(store))  # so a mount can be moved within it
     try:
         cfg = small_config(nsmc_dir, cache_dir, store / "results", train={"epochs": 6, "threads": 1},
                            student={"embedding_dim": 16, "hidden_dim": 16})
@@ -296,9 +297,15 @@ def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsm
                 except OSError:
                     pass
         else:
-            _mount("--bind", str(store / "results"), str(store / "results"))
-            mounts.append(store / "results")
-            _mount("-o", "remount,bind,ro", str(store / "results"))
+            # Made read-only aside (a remount in place fails while the sweep has files open for writing), then
+            # moved over the results folder in one step.
+            stage = store / "ro-stage"
+            stage.mkdir()
+            _mount("--bind", str(store / "results"), str(stage))
+            mounts.append(stage)
+            _mount("-o", "remount,bind,ro", str(stage))
+            _mount("--move", str(stage), str(store / "results"))
+            mounts[-1] = store / "results"
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, err[-3000:]
         expected = "no space left on device" if fault == "disk full" else "read-only file system"
