@@ -134,14 +134,17 @@ class Space:
         """An Optuna define-by-run function: samples (conditionally), does no work, returns the config overrides."""
         return DefineByRun(self)
 
-    def values_of(self, key: str) -> list[Any]:
-        """Every value `key` can take in this space (for preparing one encoding per student vocab size)."""
+    def values_of(self, key: str, numeric_ok: bool = False) -> list[Any]:
+        """Every value `key` can take in this space (for preparing one encoding per student vocab size); with
+        `numeric_ok`, an int/float parameter gives its bounds."""
         vals = []
         if key in self.fixed:
             vals.append(self.fixed[key])
         for name, p in self.params.items():
             if name == key and p.type == "categorical":
                 vals += list(p.choices)
+            elif name == key and numeric_ok:
+                vals += p.extremes()
             elif name == key:
                 raise SpaceError(f"{self.origin}: {key}: must be categorical (each value needs its own tokenizer)")
             elif isinstance(p.choices, dict):

@@ -48,14 +48,14 @@ def _quiet_libraries() -> None:
 def cmd_prepare(args) -> int:
     from trainable.prepare import prepare
 
-    from .config import load_config
-    from .config import student_vocab_sizes
+    from .config import load_config, student_transfer_rows, student_vocab_sizes
 
     cfg, _ = load_config(args.config, args.set)
     t0 = time.perf_counter()
-    prep = prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg))
+    prep = prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), transfer_rows=student_transfer_rows(cfg))
     if prep.teacher is not None:
-        log(f"teacher: {prep.teacher.path} (val {prep.teacher.metrics.get('val_acc', float('nan')):.4f}, "
+        log(f"teacher: {', '.join(str(t.path) for t in prep.teacher.members)} (val "
+            f"{prep.teacher.metrics.get('val_acc', float('nan')):.4f}, "
             f"test {prep.teacher.metrics.get('test_acc', float('nan')):.4f})")
     log(f"prepared in {time.perf_counter() - t0:.1f} s; cache: {cfg.cache_dir}")
     return 0
@@ -64,7 +64,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from trainable.io import write_json
     from trainable.loop import train_student
-    from trainable.prepare import prepare
+    from trainable.prepare import prepare, student_inputs
 
     from .config import load_config
     from .runs import claim_dir, stamp
@@ -81,9 +81,11 @@ def cmd_train(args) -> int:
     try:
         prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
         stamp(run_dir, cfg)
-        data = prep.encoded[cfg.tokenizer.vocab_size]
-        result = train_student(cfg.student, cfg.train, data, prep.logits["train"] if prep.logits else None,
-                               num_classes=cfg.data.num_classes, run_dir=run_dir, resume_from=resume_from, log=log)
+        data, logits = student_inputs(prep.encoded, prep.logits, cfg)
+        if data.transfer is not None:
+            log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
+        result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
+                               run_dir=run_dir, resume_from=resume_from, log=log)
     except BaseException:
         if resume_from is None and not (run_dir / "checkpoints").exists():
             import shutil
@@ -93,7 +95,7 @@ def cmd_train(args) -> int:
     out = asdict(result)
     out.pop("history")
     if prep.teacher is not None:
-        out["teacher"] = {"path": str(prep.teacher.path), **prep.teacher.metrics}
+        out["teacher"] = {"paths": [str(t.path) for t in prep.teacher.members], **prep.teacher.metrics}
     write_json(run_dir / "result.json", out)
     log(f"student: val_acc {result.val_acc:.4f} test_acc {result.test_acc:.4f} params {result.params} "
         f"size {result.size_kb:.1f} KiB, {result.samples_per_s:.0f} samples/s")

@@ -167,6 +167,14 @@ def load_space_for(cfg: Config):
     return space
 
 
+def student_transfer_rows(cfg: Config) -> int | None:
+    """The most transfer-file rows any trial takes (None: all): prepared once, each trial takes its first rows."""
+    space = load_space_for(cfg)
+    values = space.values_of("data.transfer_rows", numeric_ok=True) if space is not None else []
+    values = values or [cfg.data.transfer_rows]
+    return None if any(v is None for v in values) else max(values)
+
+
 def student_vocab_sizes(cfg: Config) -> list[int]:
     space = load_space_for(cfg)
     sizes = space.values_of("tokenizer.vocab_size") if space is not None else []

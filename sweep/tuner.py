@@ -15,7 +15,8 @@ from typing import Callable
 from trainable.loop import METRIC, MODE
 from trainable.prepare import Prepared, prepare
 
-from .config import Config, ConfigError, load_config, load_space_for, student_vocab_sizes, validate
+from .config import (Config, ConfigError, load_config, load_space_for, student_transfer_rows, student_vocab_sizes,
+                     validate)
 from .runs import StorageError, claim_dir, stamp
 
 Log = Callable[[str], None]
@@ -163,8 +164,8 @@ def _trainable(cfg: Config, prep: Prepared, resources: dict):
     from trainable.adapter import distill_trainable
 
     base = cfg.model_dump(exclude={"sweep"})
-    fn = tune.with_parameters(distill_trainable, base=base, data=prep.encoded,
-                              logits=prep.logits["train"] if prep.logits else None,
+    logits = {k: v for k, v in prep.logits.items() if k in ("train", "transfer")} if prep.logits else None
+    fn = tune.with_parameters(distill_trainable, base=base, data=prep.encoded, logits=logits,
                               num_classes=cfg.data.num_classes, keep_checkpoints=cfg.sweep.keep_checkpoints)
     return tune.with_resources(fn, resources)
 
@@ -204,7 +205,8 @@ def needs_teacher(base_alpha: float, space) -> bool:
 
 
 def _prepare_for_sweep(cfg: Config, space, log: Log) -> Prepared:
-    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=needs_teacher(cfg.train.alpha, space))
+    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=needs_teacher(cfg.train.alpha, space),
+                   transfer_rows=student_transfer_rows(cfg))
 
 
 def _quiet_ray_env() -> None:
@@ -263,8 +265,10 @@ def _save_artifacts(folder: Path, prep: Prepared) -> None:
     for vocab, enc in prep.encoded.items():
         shutil.copyfile(enc.tokenizer_file, tok_dir / f"vocab{vocab}.json")
     if prep.teacher is not None:
-        write_json(folder / "teacher.json", {"path": str(prep.teacher.path), "checkpoint_hash":
-                                             prep.teacher.checkpoint_hash, **prep.teacher.metrics})
+        write_json(folder / "teacher.json", {
+            "paths": [str(t.path) for t in prep.teacher.members],
+            "checkpoint_hashes": [t.checkpoint_hash for t in prep.teacher.members], **prep.teacher.metrics,
+            "transfer_rows": len(prep.corpus.transfer) if prep.corpus.transfer is not None else 0})
 
 
 def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:

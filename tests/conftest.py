@@ -33,7 +33,7 @@ def small_config(nsmc_dir: Path, cache_dir: Path, results_dir: Path, **sections)
         "name": "t",
         "data": {"dir": str(nsmc_dir), "download": False, "train_rows": 4000, "test_rows": 1000},
         "tokenizer": {"vocab_size": 2000, "max_length": 48},
-        "teacher": {"preset": "tiny", "epochs": 2, "max_length": 48, "vocab_size": 3000},
+        "teacher": {"preset": "tiny", "epochs": 2, "max_length": 48, "vocab_size": 3000, "lr": 5e-4},
         "student": {"embedding_dim": 32, "hidden_dim": 64},
         "train": {"epochs": 2, "batch_size": 64, "threads": 1},
         "cache_dir": str(cache_dir),

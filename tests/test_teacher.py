@@ -42,13 +42,14 @@ def test_logits_recomputed_when_data_changes(prepared, tmp_path, nsmc_dir):
     data = DataConfig(dir=str(tmp_path), train_rows=1500)
     corpus = load_corpus(data, _quiet)
     msgs = []
-    get_logits(prep.teacher, corpus, cfg.teacher, cfg.cache_dir, msgs.append)
+    teacher = prep.teacher.members[0]
+    get_logits(teacher, corpus, cfg.cache_dir, msgs.append)
     assert any("one pass" in m for m in msgs)
     with open(tmp_path / "ratings_train.txt", "a", encoding="utf-8") as f:
         f.write("424242\t완전히 새로운 리뷰\t1\n")
     changed = load_corpus(data, _quiet)
     msgs.clear()
-    get_logits(prep.teacher, changed, cfg.teacher, cfg.cache_dir, msgs.append)
+    get_logits(teacher, changed, cfg.cache_dir, msgs.append)
     assert any("one pass" in m for m in msgs) and not any("cache hit" in m for m in msgs)
 
 
@@ -58,14 +59,15 @@ def test_logits_file_with_foreign_metadata_is_not_reused(prepared):
     from trainable.teacher import logits_meta, logits_path
 
     cfg, prep = prepared
-    path = logits_path(logits_meta(prep.teacher, prep.corpus, cfg.teacher.max_length), cfg.cache_dir)
+    teacher = prep.teacher.members[0]
+    path = logits_path(logits_meta(teacher, prep.corpus.key, cfg.teacher.max_length), cfg.cache_dir)
     backup = path.read_bytes()
     tbl = pq.read_table(path)
     meta = {k.decode(): v.decode() for k, v in tbl.schema.metadata.items()}
     pq.write_table(tbl.replace_schema_metadata({**meta, "checkpoint_hash": "another-teacher"}), path)
     try:
         msgs = []
-        get_logits(prep.teacher, prep.corpus, cfg.teacher, cfg.cache_dir, msgs.append)
+        get_logits(teacher, prep.corpus, cfg.cache_dir, msgs.append)
         assert any("does not match" in m for m in msgs)
     finally:
         path.write_bytes(backup)
@@ -75,7 +77,7 @@ def test_local_save_pretrained_teacher_is_fine_tuned(prepared, tmp_path):
     """A teacher given by local path goes through the same from_pretrained code as a hub id."""
     cfg, prep = prepared
     local = tmp_path / "my-teacher"
-    shutil.copytree(prep.teacher.path, local)
+    shutil.copytree(prep.teacher.members[0].path, local)
     tcfg = TeacherConfig(source=str(local), epochs=1, lr=1e-4, max_length=48)
     t = get_teacher(tcfg, prep.corpus, 2, tmp_path / "cache", _quiet)
     assert t.metrics["val_acc"] > 0.6
@@ -96,7 +98,7 @@ def test_bad_teacher_sources(tmp_path):
 def test_remote_code_is_not_run_unless_asked(prepared, tmp_path):
     cfg, prep = prepared
     evil = tmp_path / "evil"
-    shutil.copytree(prep.teacher.path, evil)
+    shutil.copytree(prep.teacher.members[0].path, evil)
     marker = tmp_path / "pwned"
     (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     conf = json.loads((evil / "config.json").read_text())

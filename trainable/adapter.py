@@ -28,6 +28,7 @@ from ray import tune
 from .config import config_from_trial
 from .data import EncodedData
 from .loop import CheckpointError, EpochMetrics, NonFiniteLossError, load_checkpoint, train_student
+from .prepare import student_inputs
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
 
@@ -76,8 +77,10 @@ def _shared_trial_dir() -> Path:
     return trial_dir
 
 
-def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], logits: np.ndarray | None,
+def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], logits: dict[str, np.ndarray] | None,
                       num_classes: int, keep_checkpoints: int = 2) -> None:
+    """One trial. `data` holds the encodings by vocab size, `logits` the teacher's for the train and transfer rows
+    (both shipped once through the object store); `student_inputs` picks this trial's rows."""
     trial_dir = _shared_trial_dir()
     marker = trial_dir / NOT_RETRYABLE
     if marker.is_file():
@@ -87,7 +90,7 @@ def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], 
     except ValidationError as e:
         marker.write_text(f"invalid trial config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
         raise
-    encoded = data[cfg.tokenizer.vocab_size]
+    encoded, teacher_logits = student_inputs(data, logits, cfg)
     work = Path(tempfile.mkdtemp(prefix="kd-trial-"))  # checkpoints are written here, then persisted by Ray
 
     def report(m: EpochMetrics, ckpt: Path | None) -> None:
@@ -95,7 +98,7 @@ def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], 
 
     try:
         resume_from = _restore_point(trial_dir)
-        train_student(cfg.student, cfg.train, encoded, logits if cfg.train.alpha < 1.0 else None,
+        train_student(cfg.student, cfg.train, encoded, teacher_logits,
                       num_classes=num_classes, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
                       on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
     except NonFiniteLossError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 
@@ -17,6 +17,19 @@ NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 class Section(BaseModel):
     # strict: "3" is not an int and 1 is not a bool; floats accept ints (1 -> 1.0) because YAML users write `lr: 1`.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class AugmentConfig(Section):
+    """A transfer set made from the labelled training reviews when no unlabeled text exists (Tang et al. 2019,
+    "Distilling Task-Specific Knowledge from BERT into Simple Neural Networks"): each augmented copy masks every
+    word with probability `mask_prob` and, with probability `ngram_prob`, is cut down to a random n-gram of
+    1..`max_ngram` words. The teacher labels the copies; the student learns from those soft labels only."""
+
+    samples: NonNegativeInt = 0  # augmented copies per labelled training review (0: off)
+    mask_prob: float = Field(0.1, ge=0.0, le=1.0)
+    ngram_prob: float = Field(0.25, ge=0.0, le=1.0)
+    max_ngram: PositiveInt = 5
+    seed: int = 0
 
 
 class DataConfig(Section):
@@ -37,6 +50,12 @@ class DataConfig(Section):
     test_rows: Optional[PositiveInt] = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 0
+    # Transfer set: unlabeled text the teacher labels once and the student learns from (soft labels only).
+    # TSV/CSV/Parquet with `text_column`, or plain text with one review per line. A relative path is looked up in
+    # `mirrors` and `dir` (beside the corpus) before the working directory.
+    transfer_file: Optional[str] = None
+    transfer_rows: Optional[NonNegativeInt] = None  # a seeded subset (nested: 20K rows lie inside 50K); None: all
+    augment: AugmentConfig = AugmentConfig()
 
 
 class TokenizerConfig(Section):
@@ -46,17 +65,59 @@ class TokenizerConfig(Section):
     max_length: PositiveInt = 128  # longer reviews are truncated
     min_frequency: PositiveInt = 2
     limit_alphabet: PositiveInt = 1500  # keeps the Korean alphabet inside the vocab size
+    train_on_transfer: bool = False  # also train the tokenizer on the transfer set's text
+
+
+class PretrainConfig(Section):
+    """Masked-LM pre-training of a scratch transformer teacher on unlabeled text, before it is fine-tuned
+    (transformers' own MaskedLM model and DataCollatorForLanguageModeling). Cached by a hash of its inputs."""
+
+    steps: NonNegativeInt = 0  # optimizer steps; 0: no pre-training
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 5e-4
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    rows: Optional[PositiveInt] = None  # texts to draw from (seeded subset of transfer + training text); None: all
+
+
+class NgramConfig(Section):
+    """An n-gram teacher: TF-IDF features and logistic regression (scikit-learn). Strong and cheap on a CPU."""
+
+    analyzer: Literal["chars_words", "morphemes"] = "chars_words"  # morphemes: Korean morphemes (kiwipiepy)
+    max_features: PositiveInt = 400_000  # per vectorizer
+    C: PositiveFloat = 4.0  # inverse regularisation strength
+
+
+class BiLSTMTeacherConfig(Section):
+    """A wide BiLSTM teacher trained here with the student loop (no distillation), saved like an exported student."""
+
+    embedding_dim: PositiveInt = 128
+    hidden_dim: PositiveInt = 256
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+TEACHER_KINDS = ("scratch", "ngram", "bilstm")  # built here; any other source is a hub id or a local folder
 
 
 class TeacherConfig(Section):
-    """A Hugging Face sequence classifier: `scratch` (built from a preset and trained here), a hub id or a local path."""
+    """The teacher, or an ensemble of teachers.
 
-    source: str = "scratch"
+    `source` is one teacher or a list of members. A member is built here (`scratch`: a BERT/ELECTRA from a preset;
+    `ngram`: TF-IDF + logistic regression; `bilstm`: a wide BiLSTM) or loaded (a hub id, a `save_pretrained`
+    folder, or a student folder made by `sweep export`). A list entry is a source string or a mapping of this
+    section's keys, which override the section's own values for that member, e.g.
+    `source: [ngram, {source: bilstm, epochs: 3, vocab_size: 3000}]`.
+    An ensemble's logits are the weighted mean of its members' log-probabilities (`weights`, or chosen on the
+    validation split when not given).
+    """
+
+    source: str | list[str | dict[str, Any]] = "scratch"
+    weights: Optional[list[float]] = None  # ensemble weights, one per member; None: chosen on validation
     preset: Literal["tiny", "small", "base"] = "small"  # scratch only
     arch: Literal["bert", "electra"] = "electra"  # scratch only
-    vocab_size: int = Field(8000, ge=100)  # scratch only: the teacher's own WordPiece vocabulary
-    epochs: PositiveInt = 1
-    lr: Optional[PositiveFloat] = None  # None: 5e-4 for scratch, 5e-5 for a pretrained model
+    vocab_size: int = Field(8000, ge=100)  # scratch and bilstm: the teacher's own WordPiece vocabulary
+    epochs: NonNegativeInt = 1  # 0: use a loaded model as it is
+    lr: Optional[PositiveFloat] = None  # None: 2e-4 scratch, 1e-3 bilstm, 5e-5 pretrained
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 128
     max_length: PositiveInt = 128
@@ -64,14 +125,73 @@ class TeacherConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     trust_remote_code: bool = False  # never run code shipped with a model unless asked
+    threads: Optional[PositiveInt] = None  # torch threads while building; None: torch's default
+    pretrain: PretrainConfig = PretrainConfig()
+    ngram: NgramConfig = NgramConfig()
+    bilstm: BiLSTMTeacherConfig = BiLSTMTeacherConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if isinstance(self.source, list):
+            if not self.source:
+                raise ValueError("source: an empty list; give one teacher or several")
+            for i, entry in enumerate(self.source):
+                if isinstance(entry, dict) and "source" not in entry:
+                    raise ValueError(f"source[{i}]: a member mapping needs its own 'source'")
+                if isinstance(entry, dict) and isinstance(entry["source"], list):
+                    raise ValueError(f"source[{i}]: a member cannot itself be an ensemble")
+                if isinstance(entry, dict) and "weights" in entry:
+                    raise ValueError(f"source[{i}]: weights belong to the ensemble, not to a member")
+            self.members()  # every member validates on its own (errors name the member)
+        if self.weights is not None:
+            n = len(self.source) if isinstance(self.source, list) else 1
+            if len(self.weights) != n:
+                raise ValueError(f"weights: {len(self.weights)} given for {n} teacher(s)")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("weights: expected non-negative numbers with a positive sum")
+        return self
+
+    def members(self) -> list["TeacherConfig"]:
+        """One config per teacher: the section's values with the member's own on top."""
+        if not isinstance(self.source, list):
+            return [self]
+        base = self.model_dump(exclude={"source", "weights"})
+        out = []
+        for i, entry in enumerate(self.source):
+            raw = dict(entry) if isinstance(entry, dict) else {"source": entry}
+            merged = {**base, **{k: v for k, v in raw.items() if not isinstance(v, dict)}}
+            for k, v in raw.items():  # nested sections merge key by key
+                if isinstance(v, dict):
+                    merged[k] = {**base.get(k, {}), **v}
+            try:
+                out.append(TeacherConfig.model_validate(merged))
+            except Exception as e:  # pydantic's ValidationError: re-raised naming the member
+                errs = getattr(e, "errors", None)
+                if errs is None:
+                    raise
+                err = errs()[0]
+                loc = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"source[{i}]: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+        return out
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.source, list) and len(self.source) > 1
 
     @property
     def is_scratch(self) -> bool:
         return self.source == "scratch"
 
     @property
+    def kind(self) -> str:
+        """scratch / ngram / bilstm (built here), or pretrained (a hub id or a folder)."""
+        return self.source if self.source in TEACHER_KINDS else "pretrained"
+
+    @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (5e-4 if self.is_scratch else 5e-5)
+        if self.lr is not None:
+            return self.lr
+        return {"scratch": 2e-4, "bilstm": 1e-3}.get(self.kind, 5e-5)
 
 
 class StudentConfig(Section):

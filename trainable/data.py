@@ -2,7 +2,9 @@
 
     corpus files (NSMC TSV, or CSV/TSV/Parquet with named columns)
       -> Table (ids, texts, labels) per split; validation carved from train with a fixed seed
-      -> tokenizer.json (WordPiece, trained on the training split)
+    transfer set (unlabeled text: a file, and/or augmented copies of the training reviews)
+      -> Table with label -1 (no label: the teacher's soft labels are its only target)
+      -> tokenizer.json (WordPiece, trained on the training split, optionally on the transfer text too)
       -> encoded splits (flat int32 tokens + offsets), cached as Parquet keyed by (data, tokenizer, max length)
 
 Bad data raises `DataError` with one line naming the file, the line or column, and what was expected.
@@ -29,6 +31,7 @@ Log = Callable[[str], None]
 NSMC_ROWS = {"ratings_train.txt": 150_000, "ratings_test.txt": 50_000}
 PAD, UNK = 0, 1
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+NO_LABEL = -1  # a transfer row's label
 
 
 class DataError(ValueError):
@@ -55,6 +58,15 @@ class Corpus:
     test: Table
     key: str  # hash of the file contents and every setting that shaped the splits
     files: tuple[str, str]
+    transfer: Table | None = None  # unlabeled rows (label NO_LABEL): the file's in a seeded order, then augmented
+    transfer_key: str | None = None  # hash of the transfer file, the augmentation and the rows taken
+    transfer_file_rows: int = 0  # how many of the transfer rows came from the file (the rest are augmented copies)
+
+    def split(self, name: str) -> Table:
+        table = getattr(self, name)
+        if table is None:
+            raise ValueError(f"the corpus has no {name} split")
+        return table
 
 
 # ----------------------------------------------------------------------------- reading
@@ -201,8 +213,9 @@ def locate_files(cfg: DataConfig, log: Log, download: bool = True) -> tuple[Path
     return folder / cfg.train_file, folder / cfg.test_file
 
 
-def load_corpus(cfg: DataConfig, log: Log = print, download: bool = True) -> Corpus:
-    """Read train and test, take the configured subsets, carve validation from train with `cfg.seed`."""
+def load_corpus(cfg: DataConfig, log: Log = print, download: bool = True, transfer_rows: int | None = -1) -> Corpus:
+    """Read train and test, take the configured subsets, carve validation from train with `cfg.seed`, and load the
+    transfer set (`transfer_rows` rows of the file; -1: `cfg.transfer_rows`; the most any trial of a sweep uses)."""
     train_path, test_path = locate_files(cfg, log, download)
     full_train = read_table(train_path, cfg)
     test = read_table(test_path, cfg)
@@ -216,10 +229,123 @@ def load_corpus(cfg: DataConfig, log: Log = print, download: bool = True) -> Cor
     if n_val >= len(full_train):
         raise DataError(f"{train_path}: {len(full_train)} rows is too few to carve a validation split")
     val, train = full_train.take(np.sort(perm[:n_val])), full_train.take(np.sort(perm[n_val:]))
-    settings = cfg.model_dump(exclude={"dir", "mirrors", "download", "url"})
+    settings = cfg.model_dump(exclude={"dir", "mirrors", "download", "url", "transfer_file", "transfer_rows", "augment"})
     key = sha256_json({"train": sha256_file(train_path), "test": sha256_file(test_path), "cfg": settings})
     log(f"data: train {len(train)}, validation {len(val)}, test {len(test)} rows from {train_path.parent}")
-    return Corpus(train, val, test, key[:16], (str(train_path), str(test_path)))
+    transfer, transfer_key, n_file = load_transfer(cfg, train, cfg.transfer_rows if transfer_rows == -1 else transfer_rows,
+                                                   log)
+    return Corpus(train, val, test, key[:16], (str(train_path), str(test_path)), transfer, transfer_key, n_file)
+
+
+# ----------------------------------------------------------------------------- transfer set
+
+
+def locate_transfer(cfg: DataConfig) -> Path:
+    """The transfer file: an absolute path, else the first of mirrors/dir/working directory that has it."""
+    name = Path(cfg.transfer_file)
+    if name.is_absolute():
+        candidates = [name]
+    else:
+        candidates = [Path(folder) / name for folder in [*cfg.mirrors, cfg.dir]] + [name]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise DataError(f"data.transfer_file: {cfg.transfer_file} not found (looked in "
+                    f"{[str(c.parent) for c in candidates]}); expected unlabeled text, one review per line or a "
+                    f"TSV/CSV/Parquet with a '{cfg.text_column}' column")
+
+
+def read_texts(path: Path, text_column: str) -> list[str]:
+    """Unlabeled text: Parquet/CSV/TSV with `text_column`, or a plain file with one review per line (a file whose
+    first line, split on tabs, names `text_column` is read as TSV)."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            tbl = pq.read_table(path, columns=[text_column])
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise DataError(f"{path}: expected a Parquet file with a '{text_column}' column ({e})") from None
+        texts = ["" if t is None else str(t) for t in tbl.column(text_column).to_pylist()]
+    else:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: expected UTF-8 text, found undecodable byte 0x{raw[e.start]:02x}") from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        lines = [ln.rstrip("\r") for ln in lines]
+        header = lines[0].split("\t") if lines else []
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.reader(io.StringIO(text)))
+            if not rows or text_column not in [h.strip() for h in rows[0]]:
+                raise DataError(f"{path}:1: missing column '{text_column}' in the CSV header")
+            col = [h.strip() for h in rows[0]].index(text_column)
+            texts = [r[col] if len(r) > col else "" for r in rows[1:]]
+        elif text_column in [h.strip() for h in header]:
+            col = [h.strip() for h in header].index(text_column)
+            texts = []
+            for i, ln in enumerate(lines[1:], 2):
+                fields = ln.split("\t")
+                if len(fields) <= col:
+                    raise DataError(f"{path}:{i}: expected {len(header)} tab-separated fields, found {len(fields)}")
+                texts.append(fields[col])
+        else:
+            texts = lines  # one review per line
+    if not texts:
+        raise DataError(f"{path}: no text rows; expected unlabeled reviews")
+    return texts
+
+
+def augment_texts(texts: list[str], samples: int, mask_prob: float, ngram_prob: float, max_ngram: int,
+                  seed: int) -> list[str]:
+    """Tang et al. 2019's augmentation, on words: `samples` copies of each text; in each copy every word is
+    replaced by [MASK] with probability `mask_prob`, then with probability `ngram_prob` the copy is cut to a random
+    window of 1..`max_ngram` words. Copies identical to their source are kept (the teacher labels them anyway)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        words = text.split()
+        for _ in range(samples):
+            if not words:
+                out.append(text)
+                continue
+            masked = np.where(rng.random(len(words)) < mask_prob, "[MASK]", np.asarray(words, dtype=object))
+            if rng.random() < ngram_prob:
+                n = int(rng.integers(1, min(max_ngram, len(words)) + 1))
+                start = int(rng.integers(0, len(words) - n + 1))
+                masked = masked[start:start + n]
+            out.append(" ".join(masked))
+    return out
+
+
+def load_transfer(cfg: DataConfig, train: Table, rows: int | None,
+                  log: Log = print) -> tuple[Table | None, str | None, int]:
+    """The transfer set: the file's rows in a seeded order (first `rows` of them), then the augmented copies of the
+    training reviews. Labels are NO_LABEL. None when neither is configured."""
+    if cfg.transfer_file is None and cfg.augment.samples == 0:
+        return None, None, 0
+    texts, parts = [], {}
+    if cfg.transfer_file is not None and rows != 0:
+        path = locate_transfer(cfg)
+        file_texts = read_texts(path, cfg.text_column)
+        order = np.random.default_rng(cfg.seed + 2).permutation(len(file_texts))
+        if rows is not None:
+            order = order[:rows]
+        texts = [file_texts[i] for i in order]
+        parts["file"] = {"sha256": sha256_file(path), "rows": len(texts), "column": cfg.text_column, "seed": cfg.seed}
+        log(f"transfer set: {len(texts)} of {len(file_texts)} reviews from {path}")
+    n_file = len(texts)
+    if cfg.augment.samples > 0:
+        a = cfg.augment
+        aug = augment_texts(train.texts, a.samples, a.mask_prob, a.ngram_prob, a.max_ngram, a.seed)
+        parts["augment"] = {**a.model_dump(), "train": sha256_json(train.texts)}
+        log(f"transfer set: {len(aug)} augmented copies of {len(train)} training reviews")
+        texts += aug
+    if not texts:
+        return None, None, 0
+    table = Table(np.arange(len(texts), dtype=np.int64), texts, np.full(len(texts), NO_LABEL, dtype=np.int64))
+    return table, sha256_json(parts)[:16], n_file
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -243,7 +369,10 @@ def train_wordpiece(texts: list[str], vocab_size: int, min_frequency: int = 2, l
 
 def tokenizer_path(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, vocab_size: int | None = None) -> Path:
     vocab = vocab_size or cfg.vocab_size
-    key = sha256_json({"data": corpus.key, "vocab": vocab, "min_freq": cfg.min_frequency, "alpha": cfg.limit_alphabet})
+    parts = {"data": corpus.key, "vocab": vocab, "min_freq": cfg.min_frequency, "alpha": cfg.limit_alphabet}
+    if cfg.train_on_transfer and corpus.transfer is not None:
+        parts["transfer"] = corpus.transfer_key
+    key = sha256_json(parts)
     return Path(cache_dir) / "tokenizers" / f"wordpiece-{vocab}-{key[:12]}.json"
 
 
@@ -254,8 +383,11 @@ def get_tokenizer(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, l
     if path.is_file():
         return path
     vocab = vocab_size or cfg.vocab_size
-    log(f"training WordPiece tokenizer (vocab {vocab}) on {len(corpus.train)} reviews")
-    tok = train_wordpiece(corpus.train.texts, vocab, cfg.min_frequency, cfg.limit_alphabet)
+    texts = corpus.train.texts
+    if cfg.train_on_transfer and corpus.transfer is not None:
+        texts = texts + corpus.transfer.texts
+    log(f"training WordPiece tokenizer (vocab {vocab}) on {len(texts)} reviews")
+    tok = train_wordpiece(texts, vocab, cfg.min_frequency, cfg.limit_alphabet)
     with atomic_path(path) as tmp:
         tok.save(str(tmp))
     return path
@@ -280,11 +412,26 @@ class EncodedSplit:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def padded(self, max_len: int | None = None) -> np.ndarray:
-        """(N, max_len) int64, right-padded with PAD."""
+    def take(self, idx: np.ndarray) -> "EncodedSplit":
+        """The rows `idx`, in that order (a copy)."""
+        lengths = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        starts = self.offsets[:-1][idx]
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return EncodedSplit(self.ids[idx], self.labels[idx], self.tokens[flat], offsets)
+
+    @staticmethod
+    def concat(a: "EncodedSplit", b: "EncodedSplit") -> "EncodedSplit":
+        return EncodedSplit(np.concatenate([a.ids, b.ids]), np.concatenate([a.labels, b.labels]),
+                            np.concatenate([a.tokens, b.tokens]),
+                            np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]))
+
+    def padded(self, max_len: int | None = None, dtype=np.int64) -> np.ndarray:
+        """(N, max_len) token ids, right-padded with PAD."""
         lengths = self.lengths
         width = int(lengths.max()) if max_len is None else max_len
-        out = np.full((len(self), width), PAD, dtype=np.int64)
+        out = np.full((len(self), width), PAD, dtype=dtype)
         mask = np.arange(width)[None, :] < np.minimum(lengths, width)[:, None]
         row_start = self.offsets[:-1]
         cols = np.nonzero(mask)
@@ -300,6 +447,8 @@ class EncodedData:
     vocab_size: int
     tokenizer_file: str
     key: str
+    transfer: EncodedSplit | None = None  # unlabeled rows (label NO_LABEL), in the corpus's order
+    transfer_file_rows: int = 0  # the first rows of `transfer` came from the file; the rest are augmented copies
 
 
 def encode_texts(tok, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +513,19 @@ def encode_corpus(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, l
             splits[name] = (table, *encode_texts(tok, table.texts, cfg.max_length))
         _write_split(path, splits, {"data_key": corpus.key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
         tbl = pq.read_table(path)
+    transfer = None
+    if corpus.transfer is not None:
+        tkey = sha256_json({"transfer": corpus.transfer_key, "tokenizer": sha256_file(tok_path),
+                            "max_length": cfg.max_length})[:16]
+        tpath = Path(cache_dir) / "encoded" / f"transfer-{tkey}.parquet"
+        if tpath.is_file():
+            log(f"encoded transfer set: cache hit {tpath}")
+        else:
+            log(f"encoding {len(corpus.transfer)} transfer reviews")
+            _write_split(tpath, {"transfer": (corpus.transfer, *encode_texts(tok, corpus.transfer.texts, cfg.max_length))},
+                         {"transfer_key": corpus.transfer_key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
+        transfer = _read_split(pq.read_table(tpath), "transfer")
     return EncodedData(
         _read_split(tbl, "train"), _read_split(tbl, "val"), _read_split(tbl, "test"),
-        tok.get_vocab_size(), str(tok_path), key,
+        tok.get_vocab_size(), str(tok_path), key, transfer, corpus.transfer_file_rows,
     )

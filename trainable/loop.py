@@ -1,7 +1,8 @@
 """The student's training loop: plain PyTorch, no Ray. Runs and is tested on a laptop; the Ray trainable
 (`trainable/adapter.py`) is a thin adapter over `train_student`.
 
-Per epoch: length-bucketed batches (reviews of almost equal length, so little time goes to padding), the
+Per epoch: length-bucketed batches (reviews of almost equal length, so little time goes to padding) over the
+labelled training rows plus the transfer rows (unlabeled; the teacher's soft labels are their only target), the
 distillation loss against cached teacher logits, Adam, StepLR or CyclicLR, evaluation on validation, TensorBoard
 scalars, and a checkpoint folder (model, optimizer, scheduler, epoch, RNG state) from which a run continues exactly
 where it stopped. Test accuracy is measured on the best-validation weights.
@@ -90,7 +91,7 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Gene
 def _batch(padded: np.ndarray, lengths: np.ndarray, idx: np.ndarray,
            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     lens = lengths[idx]
-    tokens = torch.from_numpy(padded[idx, : int(lens.max())])
+    tokens = torch.from_numpy(padded[idx, : int(lens.max())]).long()
     return tokens.to(device, non_blocking=True), torch.from_numpy(lens).to(device, non_blocking=True)
 
 
@@ -108,7 +109,7 @@ def evaluate(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512,
     """(accuracy, mean cross-entropy) on a split; batches sorted by length."""
     model.eval()
     device = next(model.parameters()).device
-    padded = split.padded() if padded is None else padded
+    padded = split.padded(dtype=np.int32) if padded is None else padded
     lengths = split.lengths
     order = np.argsort(lengths, kind="stable")
     correct, loss_sum = 0, 0.0
@@ -122,6 +123,25 @@ def evaluate(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512,
         correct += (logits.argmax(1) == y).sum().item()
     model.train()
     return correct / len(split), loss_sum / len(split)
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512) -> np.ndarray:
+    """(N, C) float32 logits in the split's row order; batches sorted by length."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    padded, lengths = split.padded(dtype=np.int32), split.lengths
+    order = np.argsort(lengths, kind="stable")
+    out = None
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        logits = model(*_batch(padded, lengths, idx, device)).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((len(split), logits.shape[1]), dtype=np.float32)
+        out[idx] = logits
+    model.train(was_training)
+    return out
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -207,16 +227,22 @@ def train_student(
     keep_checkpoints: int = 2,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Train one student. `teacher_logits` (N_train, C) are aligned with `data.train` rows (None only if alpha == 1).
+    """Train one student. `teacher_logits` (N_train + N_transfer, C) are aligned with the rows of `data.train`
+    followed by those of `data.transfer` (None only if alpha == 1, and then `data.transfer` must be None too: a
+    transfer row without a teacher has no target). `trainable.prepare.student_inputs` builds both for a config.
 
     With `run_dir`, a checkpoint folder `run_dir/checkpoints/epoch_NNNN` is written after every epoch (the last
     `keep_checkpoints` kept) and handed to `on_epoch` together with the epoch's metrics. `resume_from` is such a
     folder: the run continues with the next epoch, its RNG, optimizer and scheduler state restored.
     """
+    pool = data.train if data.transfer is None else EncodedSplit.concat(data.train, data.transfer)
     if teacher_logits is None and train_cfg.alpha < 1.0:
         raise ValueError("teacher logits are required unless alpha == 1 (plain cross-entropy)")
-    if teacher_logits is not None and len(teacher_logits) != len(data.train):
-        raise ValueError(f"teacher logits have {len(teacher_logits)} rows, the training split {len(data.train)}")
+    if teacher_logits is None and data.transfer is not None:
+        raise ValueError("transfer rows need teacher logits (they have no label)")
+    if teacher_logits is not None and len(teacher_logits) != len(pool):
+        raise ValueError(f"teacher logits have {len(teacher_logits)} rows, the training rows {len(pool)} "
+                         f"({len(data.train)} labelled + {len(pool) - len(data.train)} transfer)")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
@@ -226,12 +252,13 @@ def train_student(
                              student_cfg.num_layers, student_cfg.dropout)
     params, size_kb = count_params(model), state_dict_kb(model)
     model.to(device)
-    padded, lengths = data.train.padded(), data.train.lengths
-    val_padded, test_padded = data.val.padded(), data.test.padded()
-    labels = torch.from_numpy(data.train.labels).to(device)
+    # int32 ids: the pool with a large transfer set is hundreds of thousands of rows; batches become int64 on use.
+    padded, lengths = pool.padded(dtype=np.int32), pool.lengths
+    val_padded, test_padded = data.val.padded(dtype=np.int32), data.test.padded(dtype=np.int32)
+    labels = torch.from_numpy(pool.labels).to(device)  # NO_LABEL (-1) on transfer rows
     t_logits = (torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None
-                else torch.zeros(len(data.train), num_classes)).to(device)
-    n_batches = math.ceil(len(data.train) / train_cfg.batch_size)
+                else torch.zeros(len(pool), num_classes)).to(device)
+    n_batches = math.ceil(len(pool) / train_cfg.batch_size)
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, n_batches)
 
@@ -285,9 +312,9 @@ def train_student(
                 best_val, best_epoch = val_acc, epoch
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 test_acc, _ = evaluate(model, data.test, train_cfg.eval_batch_size, test_padded)
-            mean = (sums / len(data.train)).tolist()
+            mean = (sums / len(pool)).tolist()
             m = EpochMetrics(epoch, mean[0], mean[1], mean[2], val_acc, val_loss, lr, best_val, best_epoch, test_acc,
-                             len(data.train) / epoch_time, train_time, params, size_kb)
+                             len(pool) / epoch_time, train_time, params, size_kb)
             history.append(asdict(m))
             log(f"epoch {epoch}/{train_cfg.epochs}: loss {m.train_loss:.4f} val_acc {val_acc:.4f} "
                 f"val_loss {val_loss:.4f} lr {lr:.2e} {m.samples_per_s:.0f} samples/s")
@@ -319,5 +346,5 @@ def train_student(
     return RunResult(
         val_acc=best_val, final_val_acc=last.get("val_acc", float("nan")), test_acc=test_acc, best_epoch=best_epoch,
         epochs=len(history), params=params, size_kb=size_kb, train_time_s=train_time,
-        samples_per_s=len(data.train) * len(history) / train_time if train_time else 0.0, history=history,
+        samples_per_s=len(pool) * len(history) / train_time if train_time else 0.0, history=history,
     )

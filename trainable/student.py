@@ -110,3 +110,39 @@ class PortableBiLSTM(nn.Module):
         out_b, _ = self.bwd(self.embedding(rev_tokens))
         idx = last.unsqueeze(2).expand(B, 1, out_f.size(2))
         return self.fc(torch.cat([out_f.gather(1, idx), out_b.gather(1, idx)], dim=2).squeeze(1))
+
+
+# ----------------------------------------------------------------------------- student folders
+
+STUDENT_ARCH = "BiLSTMClassifier"
+
+
+def is_student_folder(path) -> bool:
+    """A folder written by `sweep export` (or a BiLSTM teacher built here): config.json naming the architecture."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("architecture") == STUDENT_ARCH
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_student_folder(path):
+    """(model in eval mode, tokenizers.Tokenizer, meta) from a student folder: `student.pt` (a plain state dict,
+    loaded with weights_only=True), `tokenizer.json`, `config.json`."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    model = BiLSTMClassifier(meta["vocab_size"], meta["embedding_dim"], meta["hidden_dim"], meta["num_classes"],
+                             meta["num_layers"], meta["dropout"])
+    model.load_state_dict(torch.load(path / "student.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    return model, Tokenizer.from_file(str(path / "tokenizer.json")), meta
