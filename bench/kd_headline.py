@@ -29,11 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {"E64/H128": (64, 128), "E32/H64": (32, 64), "E16/H16": (16, 16), "E8/H16": (8, 16), "E8/H32": (8, 32)}
 VARIANTS = ("none", "kd", "kd+T")
-TEACHER = [
-    {"source": "ngram", "ngram": {"analyzer": "chars_words"}},
-    {"source": "ngram", "ngram": {"analyzer": "morphemes", "max_features": 600000}},
-    {"source": "bilstm", "epochs": 3, "vocab_size": 3000, "batch_size": 64, "bilstm": {"embedding_dim": 128, "hidden_dim": 256}},
-]
+from bench.teacher import RECIPE as TEACHER  # noqa: E402  the teacher of bench/teacher.py
 
 
 def base_config(args) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.conftest import run_cli, small_config
+from conftest import run_cli, small_config
 from trainable.config import ExperimentConfig, TeacherConfig
 from trainable.data import NO_LABEL, DataError, augment_texts, load_corpus, read_texts
 from trainable.losses import distillation_loss
