@@ -243,3 +243,46 @@ def test_missing_transfer_file_exits_2_and_leaves_nothing(make_config, tmp_path)
     path.write_text(yaml.safe_dump(raw))
     r = run_cli("train", str(path), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "bad.parquet: expected a Parquet file" in r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_over_transfer_rows(make_config, tmp_path, transfer_file):
+    """A real sweep: the transfer set is prepared once for the most rows any trial takes, and each trial trains on
+    its own `data.transfer_rows` (recorded per epoch); a no-teacher trial trains on the labelled rows alone."""
+    import json
+
+    space = {"parameters": {"data.transfer_rows": {"type": "categorical", "choices": [100, 300]},
+                            "train.alpha": {"type": "categorical", "choices": [0.2, 1.0]}}}
+    path = make_config(data={"transfer_file": str(transfer_file), "train_rows": 2000}, teacher=NGRAM,
+                       train={"epochs": 1}, sweep={"space": space, "searcher": "grid", "scheduler": {"kind": "none"},
+                                                  "max_concurrent": 2})
+    r = run_cli("run", str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "results" / "t"
+    assert json.loads((folder / "teacher.json").read_text())["transfer_rows"] == 300
+    seen = set()
+    for params_file in folder.glob("*/params.json"):
+        params = json.loads(params_file.read_text())
+        last = json.loads((params_file.parent / "result.json").read_text().splitlines()[-1])
+        want = 0 if params["train.alpha"] == 1.0 else params["data.transfer_rows"]
+        assert last["transfer_rows"] == want
+        seen.add((params["data.transfer_rows"], params["train.alpha"]))
+    assert seen == {(100, 0.2), (300, 0.2), (100, 1.0), (300, 1.0)}
+
+
+def test_scratch_teacher_pretrains_on_the_transfer_text(nsmc_dir, tmp_path, transfer_file):
+    """teacher.pretrain: masked-LM on the transfer set + training text before fine-tuning, cached by hash: a new
+    fine-tuning setting reuses the pre-trained encoder (same tokenizer from the tokenizer cache)."""
+    raw = small_config(nsmc_dir, tmp_path / "cache", tmp_path / "results",
+                       data={"train_rows": 1000, "transfer_file": str(transfer_file)},
+                       teacher={"preset": "tiny", "epochs": 1, "max_length": 32, "vocab_size": 1000,
+                                "pretrain": {"steps": 8, "batch_size": 16}})
+    cfg = ExperimentConfig.model_validate(raw)
+    msgs = []
+    prep = prepare(cfg, msgs.append)
+    assert prep.teacher.members[0].metrics["pretrain"]["steps"] == 8
+    assert any("pretrain: masked-LM" in m for m in msgs)
+    raw["teacher"]["lr"] = 3e-4  # another fine-tuning: a new teacher, the same pre-trained encoder
+    msgs.clear()
+    prepare(ExperimentConfig.model_validate(raw), msgs.append)
+    assert any("pretrain: cache hit" in m for m in msgs) and not any("pretrain: masked-LM" in m for m in msgs)

@@ -55,6 +55,7 @@ class EpochMetrics:
     train_time_s: float  # cumulative, training only (no evaluation)
     params: int
     size_kb: float
+    transfer_rows: int = 0  # unlabeled rows in each epoch, besides the labelled ones
 
 
 @dataclass
@@ -314,7 +315,7 @@ def train_student(
                 test_acc, _ = evaluate(model, data.test, train_cfg.eval_batch_size, test_padded)
             mean = (sums / len(pool)).tolist()
             m = EpochMetrics(epoch, mean[0], mean[1], mean[2], val_acc, val_loss, lr, best_val, best_epoch, test_acc,
-                             len(pool) / epoch_time, train_time, params, size_kb)
+                             len(pool) / epoch_time, train_time, params, size_kb, len(pool) - len(data.train))
             history.append(asdict(m))
             log(f"epoch {epoch}/{train_cfg.epochs}: loss {m.train_loss:.4f} val_acc {val_acc:.4f} "
                 f"val_loss {val_loss:.4f} lr {lr:.2e} {m.samples_per_s:.0f} samples/s")

@@ -76,13 +76,27 @@ def _device() -> torch.device:
 # ----------------------------------------------------------------------------- building and loading
 
 
-def build_scratch(cfg: TeacherConfig, corpus: Corpus, num_classes: int, max_positions: int):
-    """A randomly initialised BERT/ELECTRA classifier and a WordPiece tokenizer trained on the training split."""
+def build_scratch(cfg: TeacherConfig, corpus: Corpus, num_classes: int, max_positions: int,
+                  cache_dir: str | Path | None = None):
+    """A randomly initialised BERT/ELECTRA classifier and a WordPiece tokenizer trained on the training split.
+
+    With `cache_dir` the tokenizer comes from the tokenizer cache (keyed by data and vocab size): WordPiece can number
+    pieces of equal count differently from one training to the next, and a pre-trained encoder is only valid with
+    the exact vocabulary it was trained on."""
     from tokenizers.processors import TemplateProcessing
     from transformers import (BertConfig, BertForSequenceClassification, ElectraConfig,
                               ElectraForSequenceClassification, PreTrainedTokenizerFast)
 
-    tok = train_wordpiece(corpus.train.texts, cfg.vocab_size)
+    if cache_dir is None:
+        tok = train_wordpiece(corpus.train.texts, cfg.vocab_size)
+    else:
+        from tokenizers import Tokenizer
+
+        from .config import TokenizerConfig
+        from .data import get_tokenizer
+
+        tok = Tokenizer.from_file(str(get_tokenizer(corpus, TokenizerConfig(vocab_size=cfg.vocab_size), cache_dir,
+                                                    lambda m: None, cfg.vocab_size)))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -270,7 +284,7 @@ def get_teacher(cfg: TeacherConfig, corpus: Corpus, num_classes: int, cache_dir:
         return _build_bilstm(cfg, corpus, num_classes, folder, log)
     if cfg.is_scratch:
         log(f"teacher: building a {cfg.preset} {cfg.arch} from scratch (vocab {cfg.vocab_size})")
-        model, tok = build_scratch(cfg, corpus, num_classes, cfg.max_length + 2)
+        model, tok = build_scratch(cfg, corpus, num_classes, cfg.max_length + 2, cache_dir)
         metrics = {}
         if pre_texts is not None:
             from .pretrain import pretrain_encoder
