@@ -5,9 +5,11 @@
     sweep run CONFIG [--set k=v ...]     a sweep with Ray Tune + Optuna + ASHA
     sweep resume NAME|PATH               continue an interrupted sweep
     sweep report NAME|PATH               trials.parquet, report.md and plots
-    sweep export NAME|PATH --out DIR     the best student, ready for `sweep predict`
-    sweep predict DIR TEXT...            labels for new text
+    sweep export NAME|PATH --out DIR     the best student, ready for `sweep predict` (--int8: a quantised copy too)
+    sweep predict DIR TEXT... | --file F labels for new text (a file, or - for stdin), one JSON line each
+    sweep evaluate DIR FILE              accuracy, per-class precision/recall/F1, confusion matrix
     sweep tensorboard NAME|PATH          TensorBoard on 127.0.0.1
+    sweep dashboard NAME|PATH            optuna-dashboard over the sweep's study, on 127.0.0.1
 
 Bad input exits with status 2 and one line on stderr; nothing is created or overwritten.
 """
@@ -129,16 +131,47 @@ def cmd_export(args) -> int:
     from .export import export_best
     from .report import find_sweep
 
-    out = export_best(find_sweep(args.target), Path(args.out), force=args.force, log=log)
+    out = export_best(find_sweep(args.target), Path(args.out), force=args.force, log=log, int8=args.int8)
     log(f"exported the best student to {out}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .export import predict
+    from .config import ConfigError
+    from .export import label_texts, load_runtime
+    from .tools import read_input_texts
 
-    for text, label, probs in predict(Path(args.model_dir), args.text):
-        print(json.dumps({"text": text, "label": label, "probs": probs}, ensure_ascii=False))
+    if not args.text and args.file is None:
+        raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")
+    texts = list(args.text) + (read_input_texts(args.file, args.column) if args.file is not None else [])
+    forward, tok, meta = load_runtime(Path(args.model_dir), args.runtime)
+    t0 = time.perf_counter()
+    probs = label_texts(forward, tok, texts, meta["max_length"], args.batch_size)
+    seconds = time.perf_counter() - t0
+    out = sys.stdout
+    for text, p in zip(texts, probs):
+        out.write(json.dumps({"text": text, "label": int(p.argmax()), "probs": [round(float(x), 4) for x in p]},
+                             ensure_ascii=False) + "\n")
+    out.flush()
+    log(f"labelled {len(texts)} rows in {seconds:.2f} s ({len(texts) / max(seconds, 1e-9):.0f} samples/s, "
+        f"{args.runtime}, batch {args.batch_size})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .tools import evaluate, format_evaluation
+
+    result = evaluate(Path(args.model_dir), Path(args.file), args.column_text, args.column_label,
+                      runtime=args.runtime, batch_size=args.batch_size)
+    print(json.dumps(result) if args.json else format_evaluation(result))
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from .report import find_sweep
+    from .tools import serve_dashboard
+
+    serve_dashboard(find_sweep(args.target), args.host, args.port, log)
     return 0
 
 
@@ -197,18 +230,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="sweep name (under results/) or folder")
     sp.add_argument("--out", required=True, help="folder to write")
     sp.add_argument("--force", action="store_true", help="replace an existing folder")
+    sp.add_argument("--int8", action="store_true",
+                    help="also write student.int8.ts (LSTM and Linear weights dynamically quantised to int8)")
     sp.set_defaults(func=cmd_export)
+
+    def with_runtime(sp):
+        # Checked by export.load_runtime (importing export here would load torch for every command).
+        sp.add_argument("--runtime", default="eager",
+                        help="eager (student.pt), torchscript (student.ts), int8 (student.int8.ts), "
+                        "onnx (student.onnx)")
+        sp.add_argument("--batch-size", type=int, default=512, help="reviews per batch, sorted by length (512)")
 
     sp = sub.add_parser("predict", help="label new text with an exported student")
     sp.add_argument("model_dir")
-    sp.add_argument("text", nargs="+")
+    sp.add_argument("text", nargs="*")
+    sp.add_argument("--file", metavar="PATH", help="texts to label: one per line, or a TSV/CSV/Parquet with --column; "
+                    "- reads stdin")
+    sp.add_argument("--column", default="document", help="the text column of a TSV/CSV/Parquet file (document)")
+    with_runtime(sp)
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("evaluate", help="an exported student's accuracy, per-class metrics and confusion matrix")
+    sp.add_argument("model_dir")
+    sp.add_argument("file", help="labelled reviews: NSMC TSV, or CSV/TSV/Parquet with the named columns")
+    sp.add_argument("--column-text", default="document")
+    sp.add_argument("--column-label", default="label")
+    sp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    with_runtime(sp)
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("tensorboard", help="serve the sweep's TensorBoard on 127.0.0.1")
     sp.add_argument("target", help="sweep name (under results/) or folder")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=6006)
     sp.set_defaults(func=cmd_tensorboard)
+
+    sp = sub.add_parser("dashboard", help="serve optuna-dashboard over the sweep's study on 127.0.0.1")
+    sp.add_argument("target", help="sweep name (under results/) or folder")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8080)
+    sp.set_defaults(func=cmd_dashboard)
     return p
 
 

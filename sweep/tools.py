@@ -1,0 +1,137 @@
+"""Daily tools around a sweep and its exported student: the texts `sweep predict --file` labels, the metrics of
+`sweep evaluate`, and `sweep dashboard` (optuna-dashboard over the sweep's study).
+
+Bad files raise `DataError` with one line naming the file; the CLI turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from trainable.data import DataError
+
+from .config import ConfigError
+
+
+def _one_line(e: Exception) -> DataError:
+    return DataError(" ".join(str(e).split()))
+
+
+def read_input_texts(source: str, column: str = "document") -> list[str]:
+    """Texts to label from a file or '-' (stdin): one per line, or a TSV/CSV/Parquet with `column`.
+
+    A plain file whose first line holds a tab is taken for a table, so a TSV without `column` is an error
+    rather than its raw lines labelled as reviews."""
+    from trainable.data import read_texts
+
+    if source == "-":
+        lines = sys.stdin.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        lines = [ln.rstrip("\r") for ln in lines]
+        if lines and "\t" in lines[0]:
+            header = [h.strip() for h in lines[0].split("\t")]
+            if column not in header:
+                raise DataError(f"<stdin>:1: missing column '{column}' in the tab-separated header; found {header}")
+            col = header.index(column)
+            lines = [ln.split("\t")[col] if ln.count("\t") >= col else "" for ln in lines[1:]]
+        if not lines:
+            raise DataError("<stdin>: no text rows; expected one review per line or a TSV with a header")
+        return lines
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        with open(path, "rb") as f:
+            first = f.readline().decode("utf-8-sig", errors="replace")
+        header = [h.strip() for h in first.rstrip("\r\n").split("\t")]
+        if "\t" in first and column not in header:
+            raise DataError(f"{path}:1: missing column '{column}' in the tab-separated header; found {header}")
+    try:
+        return read_texts(path, column)
+    except DataError as e:
+        raise _one_line(e) from None
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix (rows: true class,
+    columns: predicted). A class never predicted has precision 0 (and never present, recall 0)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    classes = [{"class": c, "precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                "support": int(actual[c])} for c in range(num_classes)]
+    return {"rows": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)), "classes": classes,
+            "macro_f1": float(f1.mean()), "confusion": confusion.tolist()}
+
+
+def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_column: str = "label", *,
+             runtime: str = "eager", batch_size: int = 512) -> dict:
+    """The exported student's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns)."""
+    from trainable.config import DataConfig
+    from trainable.data import read_table
+
+    from .export import label_texts, load_runtime
+
+    forward, tok, meta = load_runtime(model_dir, runtime)
+    cfg = DataConfig(text_column=text_column, label_column=label_column, id_column=None,
+                     num_classes=meta["num_classes"], download=False)
+    try:
+        table = read_table(path, cfg)
+    except DataError as e:
+        raise _one_line(e) from None
+    t0 = time.perf_counter()
+    preds = label_texts(forward, tok, table.texts, meta["max_length"], batch_size).argmax(1)
+    seconds = time.perf_counter() - t0
+    out = {"model": str(model_dir), "file": str(path), "runtime": runtime,
+           **classification_metrics(table.labels, preds, meta["num_classes"])}
+    out["samples_per_s"] = round(len(table) / max(seconds, 1e-9), 1)
+    return out
+
+
+def format_evaluation(result: dict) -> str:
+    """The metrics as a small text table, then the confusion matrix."""
+    lines = [f"{result['file']}: {result['rows']} rows, accuracy {result['accuracy']:.4f}, "
+             f"macro F1 {result['macro_f1']:.4f} ({result['runtime']})", "",
+             f"{'class':>7} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
+    for c in result["classes"]:
+        lines.append(f"{c['class']:>7} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} {c['support']:>8}")
+    n = len(result["confusion"])
+    lines += ["", "confusion (rows: true, columns: predicted)",
+              " " * 7 + "".join(f"{f'pred {j}':>9}" for j in range(n))]
+    for i, row in enumerate(result["confusion"]):
+        lines.append(f"{f'true {i}':>7}" + "".join(f"{v:>9}" for v in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+def serve_dashboard(folder: Path, host: str, port: int, log: Callable[[str], None]) -> None:
+    """optuna-dashboard over the sweep's SQLite study; blocks until interrupted."""
+    from .tuner import STUDY_FILE
+
+    db = folder / STUDY_FILE
+    if not db.is_file():
+        raise ConfigError(f"{folder}: no Optuna study ({STUDY_FILE} is missing; a sweep writes it when it starts)")
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError("optuna-dashboard is not installed (pip install 'kd-sweep[tools]')") from None
+    log(f"Optuna dashboard on http://{host}:{port} (Ctrl-C to stop)")
+    try:
+        optuna_dashboard.run_server(f"sqlite:///{db.resolve()}", host=host, port=port)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise ConfigError(f"{host}:{port}: cannot serve the dashboard ({e.strerror or e}); "
+                          "try another --port") from None
