@@ -45,6 +45,11 @@ class SweepSection(Section):
     max_concurrent: PositiveInt = 2
     scheduler: SchedulerSection = SchedulerSection()
     resources: ResourcesSection = ResourcesSection()
+    # After the search, the `twins` best finished students are retrained without the teacher (train.alpha 1,
+    # everything else the same): the report's KD-gain column. `finalist_seeds` N: each finalist and each twin is
+    # trained with N seeds (the finalist's own search trial is its first), reported as mean +- std.
+    twins: NonNegativeInt = 3
+    finalist_seeds: PositiveInt = 1
     max_failures: NonNegativeInt = 1  # retries of a trial whose process died (not of one that raised)
     keep_checkpoints: PositiveInt = 2
     reuse_actors: bool = True  # run the next trial in a finished trial's process (saves Ray's per-trial start)

@@ -2,6 +2,7 @@
 searcher with our pruning and NaN rules, and the progress callback."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import optuna
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from trainable.loop import METRIC
@@ -81,9 +83,27 @@ class ResumableASHA(ASHAScheduler):
             self._replayed = True
             self.replay(Path(self._experiment_dir))
 
+    # A finalist's rerun or twin runs every epoch: it is a measurement, not a candidate, and stays out of the rungs.
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if is_extra(trial):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if is_extra(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
     def replay(self, folder: Path) -> int:
         n = 0
         for rfile in folder.glob("*/result.json"):
+            params = rfile.parent / "params.json"
+            try:
+                if params.is_file() and json.loads(params.read_text()).get(ROLE):
+                    continue
+            except (OSError, ValueError):
+                pass
             rows = []
             for line in rfile.read_text().splitlines():
                 try:
@@ -143,43 +163,63 @@ class StorageGuard(Callback):
 
 
 class Progress(Callback):
-    """One line on stderr at most every `every_s`: trials running / finished / stopped early / failed, best so far."""
+    """One line on stderr at most every `every_s`: search trials running / finished / stopped early / failed, best
+    so far (of the search trials), and, when the sweep has them (`extra` > 0), the finalists' reruns and twins."""
 
-    def __init__(self, total: int, max_epochs: int, every_s: float = 10.0):
-        self.total, self.max_epochs, self.every_s = total, max_epochs, every_s
+    def __init__(self, total: int, max_epochs: int, every_s: float = 10.0, extra: int = 0):
+        self.total, self.max_epochs, self.every_s, self.extra = total, max_epochs, every_s, extra
         self.t0 = time.time()
         self.last = 0.0
         self.best: tuple[float, str, int] | None = None
         self.done: dict[str, str] = {}
         self.running: set[str] = set()
+        self.finalist: set[str] = set()  # ids of the finalists' reruns and twins
+
+    def _track(self, trial) -> bool:
+        """Whether the trial is a finalist's rerun or twin (remembered, for the counts)."""
+        if is_extra(trial):
+            self.finalist.add(trial.trial_id)
+        return trial.trial_id in self.finalist
 
     def _line(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self.last < self.every_s:
             return
         self.last = now
-        counts = {k: sum(1 for v in self.done.values() if v == k) for k in ("finished", "stopped early", "failed")}
+        search = [v for t, v in self.done.items() if t not in self.finalist]
+        counts = {k: search.count(k) for k in ("finished", "stopped early", "failed")}
         best = f"best {METRIC} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})" if self.best else "no result yet"
-        print(f"[{now - self.t0:5.0f}s] trials: {len(self.running)} running, {counts['finished']} finished, "
-              f"{counts['stopped early']} stopped early, {counts['failed']} failed, of {self.total}; {best}",
-              file=sys.stderr, flush=True)
+        finals = ""
+        if self.extra:
+            done = [v for t, v in self.done.items() if t in self.finalist]
+            finals = (f"; finalist trials (reruns, twins): {len(self.running & self.finalist)} running, "
+                      f"{len(done) - done.count('failed')} finished, {done.count('failed')} failed, "
+                      f"of up to {self.extra}")
+        print(f"[{now - self.t0:5.0f}s] trials: {len(self.running - self.finalist)} running, "
+              f"{counts['finished']} finished, {counts['stopped early']} stopped early, {counts['failed']} failed, "
+              f"of {self.total}{finals}; {best}", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._track(trial)
         self.running.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get(METRIC)
+        if self._track(trial):  # a rerun or twin measures a finalist; it is never "the best"
+            v = None
         if v is not None and math.isfinite(v) and (self.best is None or v > self.best[0]):
             self.best = (v, trial.trial_id, int(result.get("epoch", 0)))
         self._line()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._track(trial)
         self.running.discard(trial.trial_id)
         epoch = int((trial.last_result or {}).get("epoch", 0))
         self.done[trial.trial_id] = "finished" if epoch >= self.max_epochs else "stopped early"
         self._line(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._track(trial)
         self.running.discard(trial.trial_id)
         self.done[trial.trial_id] = "failed"
         self._line(force=True)
@@ -196,3 +236,107 @@ class SweepGridSampler(optuna.samplers.GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
+
+
+# ----------------------------------------------------------------------------- finalists and their twins
+
+ROLE, OF = "kd_role", "kd_of"  # undotted trial-config keys (config_from_trial ignores them): rerun/twin, finalist
+
+
+def is_extra(trial) -> bool:
+    """Whether a Ray trial is a finalist's rerun or twin (search trials carry no ROLE key)."""
+    return bool((getattr(trial, "config", None) or {}).get(ROLE))
+
+
+def finalist_trials(done: dict[str, dict], configs: dict[str, dict], *, twins: int, seeds: int, base_alpha: float,
+                    base_seed: int, max_epochs: int) -> list[dict]:
+    """The extra trials once the search is over. `done`: search trial id -> {"error", "epoch", "best_val_acc"};
+    `configs`: search trial id -> its config. The `twins` best finished trials (best validation accuracy; ties by
+    id) are finalists. Each gets `seeds - 1` reruns with the next seeds (its own trial is the first seed) and, unless
+    it already has no teacher (alpha 1), a twin per seed: the same config with train.alpha 1 (no teacher)."""
+    finished = [(tid, d["best_val_acc"]) for tid, d in done.items()
+                if not d.get("error") and (d.get("epoch") or 0) >= max_epochs
+                and isinstance(d.get("best_val_acc"), (int, float)) and math.isfinite(d["best_val_acc"])]
+    finalists = [tid for tid, _ in sorted(finished, key=lambda x: (-x[1], x[0]))[:twins]]
+    extra = []
+    for tid in finalists:
+        cfg = configs[tid]
+        seed0 = cfg.get("train.seed", base_seed)
+        for i in range(1, seeds):
+            extra.append({**cfg, "train.seed": seed0 + i, ROLE: "rerun", OF: tid})
+        if cfg.get("train.alpha", base_alpha) < 1.0:
+            for i in range(seeds):
+                extra.append({**cfg, "train.alpha": 1.0, "train.seed": seed0 + i, ROLE: "twin", OF: tid})
+    return extra
+
+
+class FinalistSearch(Searcher):
+    """The search trials from the wrapped searcher, then, once every one of them is complete, the finalists' reruns
+    and no-teacher twins (`finalist_trials`), as trials of the same experiment: Ray saves this wrapper's state with
+    the experiment (`get_state`), so `sweep resume` neither loses nor repeats them. The wrapped searcher (Optuna)
+    never hears of the extra trials. At most `max_concurrent` extra trials are live at once, like the search's."""
+
+    def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, base_alpha: float,
+                 base_seed: int, max_epochs: int, max_concurrent: int):
+        self.searcher = searcher
+        self.num_search, self.twins, self.seeds = num_search, twins, seeds
+        self.base_alpha, self.base_seed, self.max_epochs = base_alpha, base_seed, max_epochs
+        self.max_concurrent = max_concurrent
+        self.configs: dict[str, dict] = {}  # search trial id -> config
+        self.done: dict[str, dict] = {}  # search trial id -> what decides the finalists
+        self.queue: list[dict] | None = None  # the extra trials not issued yet, made once
+        self.extra: dict[str, bool] = {}  # extra trial id -> complete
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if len(self.configs) < self.num_search:
+            cfg = self.searcher.suggest(trial_id)
+            if cfg == Searcher.FINISHED:
+                self.num_search = len(self.configs)  # e.g. a grid used up early
+            elif cfg is not None:
+                self.configs[trial_id] = cfg
+                return cfg
+            else:
+                return None
+        if any(tid not in self.done for tid in self.configs):
+            return None  # the finalists are known only when the search is over
+        if self.queue is None:
+            self.queue = finalist_trials(self.done, self.configs, twins=self.twins, seeds=self.seeds,
+                                         base_alpha=self.base_alpha, base_seed=self.base_seed,
+                                         max_epochs=self.max_epochs)
+        if not self.queue:
+            return Searcher.FINISHED  # Ray ends the experiment once the trials already issued are done
+        if sum(not complete for complete in self.extra.values()) >= self.max_concurrent:
+            return None
+        self.extra[trial_id] = False
+        return self.queue.pop(0)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.configs:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.extra:
+            self.extra[trial_id] = True
+        if trial_id not in self.configs:
+            return
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        result = result or {}
+        self.done[trial_id] = {"error": error, "epoch": result.get("epoch"), "best_val_acc": result.get("best_val_acc")}
+
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

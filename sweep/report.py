@@ -97,6 +97,10 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
                     pass  # a line cut by a crash
         trial_id = results[-1].get("trial_id") if results else None
         trial_id = trial_id or tdir.name.removeprefix("trial_")
+        if statuses and trial_id not in statuses:
+            # Started after Ray's last state snapshot by a driver that then died: the resumed sweep ran it again
+            # under a new id (its Optuna trial is FAIL, a finalist's rerun or twin was issued again). Not a trial.
+            continue
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
         if by_epoch and len(by_epoch) < max(by_epoch):
@@ -123,7 +127,8 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         nodes = list(dict.fromkeys(r["node_ip"] for r in results if r.get("node_ip")))  # in order of use
         rows.append({
             "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
-            **{f"hp.{k}": v for k, v in params.items()},
+            "kd_role": params.get("kd_role", "search"), "kd_of": params.get("kd_of"),
+            **{f"hp.{k}": v for k, v in params.items() if k not in ("kd_role", "kd_of")},
             "final_val_acc": last.get(METRIC), "best_val_acc": last.get("best_val_acc"),
             "test_acc": last.get("test_acc"), "best_epoch": last.get("best_epoch"), "epochs": epochs,
             "stopped_early": status == STATUS_STOPPED, "params": last.get("params"), "size_kb": last.get("size_kb"),
@@ -142,8 +147,58 @@ def _resolved(cfg: Config, row: dict, key: str):
 
 
 def _ranked(rows: list[dict]) -> list[dict]:
-    ok = [r for r in rows if r["status"] != STATUS_FAILED and r["best_val_acc"] is not None]
+    """Search trials that did not fail, best validation accuracy first. A finalist's rerun or no-teacher twin is a
+    measurement of the finalist, never a candidate for "best"."""
+    ok = [r for r in rows if r["status"] != STATUS_FAILED and r["best_val_acc"] is not None
+          and r.get("kd_role", "search") == "search"]
     return sorted(ok, key=lambda r: -r["best_val_acc"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def kd_gain(distilled: list[float], twins: list[float]) -> tuple[float, float]:
+    """(gain, its standard error) in accuracy units: mean(distilled) - mean(twins), and
+    sqrt(s_d^2 / n_d + s_t^2 / n_t) (0 when each side has one run)."""
+    (md, sd), (mt, st) = mean_std(distilled), mean_std(twins)
+    return md - mt, math.sqrt(sd * sd / len(distilled) + st * st / len(twins))
+
+
+def finalists(rows: list[dict], cfg: Config) -> list[dict]:
+    """One entry per finalist, best first: its test accuracies over seeds (its own trial first), its no-teacher
+    twins', the KD gain (None until both sides have a finished run, or when the finalist has no teacher) and
+    whether runs are still missing. Finalists are the trials the reruns and twins name, plus, once every search
+    trial is done, the `sweep.twins` best finished ones (as FinalistSearch picks them: a finalist with alpha 1 has
+    no twin, and with one seed nothing names it)."""
+    seeds = cfg.sweep.finalist_seeds
+    search = [r for r in rows if r.get("kd_role", "search") == "search"]
+    ids = [r["kd_of"] for r in rows if r.get("kd_of")]
+    if cfg.sweep.twins and cfg.sweep.objectives == "accuracy" and all(
+            r["status"] != STATUS_INCOMPLETE for r in search):
+        done = [r for r in search if r["status"] == STATUS_FINISHED and r["best_val_acc"] is not None
+                and math.isfinite(r["best_val_acc"])]
+        ids += [r["trial_id"] for r in sorted(done, key=lambda r: (-r["best_val_acc"], r["trial_id"]))[:cfg.sweep.twins]]
+    by_id = {r["trial_id"]: r for r in search}
+
+    def test_accs(rs: list[dict]) -> list[float]:
+        return [r["test_acc"] for r in rs if r["status"] == STATUS_FINISHED and r["test_acc"] is not None]
+
+    out = []
+    for fid in dict.fromkeys(ids):
+        f = by_id.get(fid)
+        if f is None:
+            continue
+        no_teacher = _resolved(cfg, f, "train.alpha") >= 1.0
+        acc = test_accs([f] + [r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "rerun"])
+        twin_acc = test_accs([r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "twin"])
+        gain = kd_gain(acc, twin_acc) if acc and twin_acc and not no_teacher else None
+        out.append({"trial_id": fid, "row": f, "acc": acc, "twin_acc": twin_acc, "gain": gain,
+                    "no_teacher": no_teacher, "pending": len(acc) < seeds or len(twin_acc) < (0 if no_teacher else seeds)})
+    return sorted(out, key=lambda e: (-(e["row"]["best_val_acc"] or 0), e["trial_id"]))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -181,6 +236,11 @@ def _fmt(v, nd=4):
     return str(v)
 
 
+def _save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:  # a plot cut short by a crash is never left under the real name
+        fig.savefig(tmp, format="png", dpi=110)
+
+
 def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[str]:
     import matplotlib
 
@@ -198,7 +258,7 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
     ax.set_title("Validation accuracy per trial (dotted: stopped early or failed)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=110)
+    _save_png(fig, folder / "curves.png")
     plt.close(fig)
     made.append("curves.png")
 
@@ -217,7 +277,7 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / "pareto.png", dpi=110)
+        _save_png(fig, folder / "pareto.png")
         plt.close(fig)
         made.append("pareto.png")
     try:
@@ -233,7 +293,7 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
             ax.set_xlabel("importance (fANOVA)")
             ax.set_title("Hyperparameter importance")
             fig.tight_layout()
-            fig.savefig(folder / "importance.png", dpi=110)
+            _save_png(fig, folder / "importance.png")
             plt.close(fig)
             made.append("importance.png")
     except Exception as e:  # importance needs >= 2 finished trials with varied parameters
@@ -250,6 +310,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
     ranked = _ranked(rows)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in
               (STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE)}
+    n_extra = sum(1 for r in rows if r.get("kd_role", "search") != "search")
     teacher = json.loads((folder / "teacher.json").read_text()) if (folder / "teacher.json").is_file() else {}
     cmd = (folder / "command.txt").read_text().splitlines()[0] if (folder / "command.txt").is_file() else "?"
     lines = [f"# Sweep `{cfg.name}`", "",
@@ -257,7 +318,8 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
              f"- searcher {cfg.sweep.searcher} (seed {cfg.sweep.seed}), scheduler {cfg.sweep.scheduler.kind}, "
              f"{cfg.train.epochs} epochs max, metric {METRIC} (max)",
              f"- trials: {len(rows)} ({counts[STATUS_FINISHED]} finished, {counts[STATUS_STOPPED]} stopped early, "
-             f"{counts[STATUS_FAILED]} failed, {counts[STATUS_INCOMPLETE]} incomplete); "
+             f"{counts[STATUS_FAILED]} failed, {counts[STATUS_INCOMPLETE]} incomplete"
+             + (f"; {n_extra} of them finalists' reruns and twins" if n_extra else "") + "); "
              f"epochs trained: {sum(r['epochs'] for r in rows)}"]
     per_node: dict[str, int] = {}
     for r in rows:
@@ -266,7 +328,15 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
     if len(per_node) > 1:  # a cluster: where the trials ran (a trial moved by a retry counts on both)
         lines.append("- nodes: " + ", ".join(f"{ip} ({n} trial{'s' * (n != 1)})" for ip, n in sorted(per_node.items())))
     if teacher:
-        lines.append(f"- teacher: {cfg.teacher.source} (val acc {_fmt(teacher.get('val_acc'))}, "
+        members = teacher.get("members")
+        if members:
+            lines.append("- teacher: an ensemble of " + ", ".join(
+                f"{m['source']} (test acc {_fmt(m.get('test_acc'))}, weight {_fmt(w, 2)})"
+                for m, w in zip(members, teacher.get("weights", [None] * len(members)))))
+        if teacher.get("transfer_rows"):
+            lines.append(f"- transfer set: {teacher['transfer_rows']} unlabeled rows labelled by the teacher")
+        source = "ensemble" if members else cfg.teacher.source
+        lines.append(f"- teacher: {source} (val acc {_fmt(teacher.get('val_acc'))}, "
                      f"test acc {_fmt(teacher.get('test_acc'))})")
     if ranked:
         best = ranked[0]
@@ -285,18 +355,52 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
         front = [ranked[i] for i in pareto_front([(r["best_val_acc"], r["params"]) for r in ranked])]
         lines.append("- Pareto front (validation accuracy up, parameters down): " + ", ".join(
             f"{r['trial_id']} ({_fmt(r['best_val_acc'])}, {r['params']} params)" for r in sorted(front, key=lambda r: r["params"])))
+    fin = finalists(rows, cfg)
+    if fin:
+        def acc_cell(accs):
+            if not accs:
+                return "-"
+            m, sd = mean_std(accs)
+            return f"{100 * m:.2f}" + (f" ± {100 * sd:.2f} (n={len(accs)})" if cfg.sweep.finalist_seeds > 1 else "")
+
+        lines += ["", "## Finalists and their no-teacher twins", "",
+                  "| Finalist | hidden / embedding | loss rate | temperature | Acc (distilled) | Acc (twin: no teacher) "
+                  "| KD gain |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for e in fin:
+            r = e["row"]
+            gain = "-" if e["gain"] is None else (f"{100 * e['gain'][0]:+.2f} pt" + (
+                f" ± {100 * e['gain'][1]:.2f}" if len(e["acc"]) > 1 or len(e["twin_acc"]) > 1 else ""))
+            alpha = _resolved(cfg, r, "train.alpha")
+            if e["no_teacher"]:
+                gain = "n/a (no teacher)"
+            lines.append(f"| {r['trial_id']} | {_resolved(cfg, r, 'student.hidden_dim')} / "
+                         f"{_resolved(cfg, r, 'student.embedding_dim')} | {_fmt(alpha)} | "
+                         f"{_fmt(_resolved(cfg, r, 'train.temperature'))} | {acc_cell(e['acc'])} | "
+                         f"{acc_cell(e['twin_acc'])} | {gain}{' (incomplete)' if e['pending'] else ''} |")
+        lines += ["", f"How to read it: the finalists are the {cfg.sweep.twins} best finished search trials (best "
+                  "validation accuracy). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
+                  "everything else the same: its twin. Acc is the test accuracy of a run's best-validation weights. "
+                  "KD gain = the finalist's mean Acc minus its twin's, in points: what the teacher added to this "
+                  "student, measured rather than assumed. With `sweep.finalist_seeds` N > 1, each side is the mean ± "
+                  "sample std over n seeds (the finalist's own search trial is its first seed), and the gain's ± is "
+                  "the standard error of the difference, sqrt(std_d²/n_d + std_t²/n_t); a gain within about twice "
+                  "that of zero is not a gain. With one seed there is no ±, and a gain of a few tenths of a point may "
+                  "be seed noise. A finalist trained without a teacher (loss rate 1) has no twin: n/a. Reruns and "
+                  "twins are measurements, never candidates: the ranking below and `sweep export` use search trials "
+                  "only."]
     lines += ["", "| Rank | Model | vocab size | hidden dim | embedding dim | loss rate | temperature | Acc | Val Acc | Step "
               "| Train Time | step_size | Params | Size | Status |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for i, r in enumerate(ranked + [r for r in rows if r not in ranked], 1):
         size = f"{r['size_kb'] / 1024:.2f} MB" if r["size_kb"] else "-"
+        role = "" if r.get("kd_role", "search") == "search" else f" ({r['kd_role']} of {r['kd_of']})"
         lines.append(
             f"| {i if r in ranked else '-'} | BiLSTM {r['trial_id']} | {_resolved(cfg, r, 'tokenizer.vocab_size')} | "
             f"{_resolved(cfg, r, 'student.hidden_dim')} | {_resolved(cfg, r, 'student.embedding_dim')} | "
             f"{_fmt(_resolved(cfg, r, 'train.alpha'))} | {_fmt(_resolved(cfg, r, 'train.temperature'))} | "
             f"{_fmt(r['test_acc'])} | {_fmt(r['best_val_acc'])} | {_fmt(r['best_epoch'])}/{r['epochs']} | "
             f"{_fmt(r['train_time_s'], 3)} s | {_resolved(cfg, r, 'train.step_size')} | {_fmt(r['params'])} | {size} | "
-            f"{r['status']}{': ' + r['error'] if r['error'] else ''} |")
+            f"{r['status']}{': ' + r['error'] if r['error'] else ''}{role} |")
     lines += ["", "Acc: test accuracy of the trial's best-validation checkpoint. Step: best epoch / epochs run.", ""]
     lines += [f"![{p}]({p})" for p in plots]
     path = folder / "report.md"

@@ -124,7 +124,21 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
     storage = optuna.storages.RDBStorage(storage_url)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
                               study_name=cfg.name, storage=storage, max_epochs=max_epochs)
-    return ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
+    limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
+    if finalist_count(cfg) == 0:
+        return limited
+    from .ray_parts import FinalistSearch
+
+    return FinalistSearch(limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins,
+                          seeds=cfg.sweep.finalist_seeds, base_alpha=cfg.train.alpha, base_seed=cfg.train.seed,
+                          max_epochs=max_epochs, max_concurrent=cfg.sweep.max_concurrent)
+
+
+def finalist_count(cfg: Config) -> int:
+    """The most extra trials after the search: per finalist N - 1 reruns and N twins (N = finalist_seeds)."""
+    if cfg.sweep.objectives != "accuracy":  # a Pareto front has no single "best": no finalists
+        return 0
+    return cfg.sweep.twins * (2 * cfg.sweep.finalist_seeds - 1)
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
@@ -184,7 +198,8 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
         storage_filesystem=atomic_local_filesystem(),  # a full disk never leaves Ray's state half-written
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.keep_checkpoints),
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), Progress(total, cfg.train.epochs), StorageGuard()],
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
+                   Progress(total, cfg.train.epochs, extra=finalist_count(cfg)), StorageGuard()],
         verbose=0,
     )
 
@@ -243,27 +258,32 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
 
     from .ray_parts import trial_dirname
 
-    log(f"sweep {cfg.name}: {total} trials, searcher {cfg.sweep.searcher}, scheduler {cfg.sweep.scheduler.kind}, "
-        f"{cfg.sweep.max_concurrent} at a time, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial")
+    extra = finalist_count(cfg)
+    log(f"sweep {cfg.name}: {total} search trials, searcher {cfg.sweep.searcher}, "
+        f"scheduler {cfg.sweep.scheduler.kind}, {cfg.sweep.max_concurrent} at a time, "
+        f"{resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
+        + (f"; then up to {extra} finalist trials (the {cfg.sweep.twins} best: {cfg.sweep.finalist_seeds - 1} "
+           f"rerun(s) and {cfg.sweep.finalist_seeds} no-teacher twin(s) each)" if extra else ""))
     tuner = tune.Tuner(
         _trainable(cfg, prep, resources),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
-            scheduler=make_scheduler(cfg, folder), num_samples=total, reuse_actors=cfg.sweep.reuse_actors,
+            scheduler=make_scheduler(cfg, folder), num_samples=total + extra, reuse_actors=cfg.sweep.reuse_actors,
             trial_dirname_creator=trial_dirname),
         run_config=_run_config(cfg, folder, total, log),
     )
-    return _fit_and_report(tuner, folder, total, log)
+    return _fit_and_report(tuner, folder, cfg, total, log)
 
 
 def _save_artifacts(folder: Path, prep: Prepared) -> None:
     """Copies that make the results folder self-contained: the student tokenizers and the teacher's metrics."""
-    from trainable.io import write_json
+    from trainable.io import atomic_path, write_json
 
     tok_dir = folder / "tokenizers"
     tok_dir.mkdir(exist_ok=True)
     for vocab, enc in prep.encoded.items():
-        shutil.copyfile(enc.tokenizer_file, tok_dir / f"vocab{vocab}.json")
+        with atomic_path(tok_dir / f"vocab{vocab}.json") as tmp:
+            shutil.copyfile(enc.tokenizer_file, tmp)
     if prep.teacher is not None:
         write_json(folder / "teacher.json", {
             "paths": [str(t.path) for t in prep.teacher.members],
@@ -271,7 +291,23 @@ def _save_artifacts(folder: Path, prep: Prepared) -> None:
             "transfer_rows": len(prep.corpus.transfer) if prep.corpus.transfer is not None else 0})
 
 
-def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
+def _expected_trials(cfg: Config, num_search: int, trials) -> int:
+    """How many trials a complete run of this sweep has: the search trials, plus the finalist trials that the
+    search's results call for (as FinalistSearch makes them; fewer when fewer search trials finished)."""
+    if finalist_count(cfg) == 0:
+        return num_search
+    from .ray_parts import ROLE, finalist_trials
+
+    search = [t for t in trials if not t.config.get(ROLE)]
+    done = {t.trial_id: {"error": t.status == "ERROR", "epoch": (t.last_result or {}).get("epoch"),
+                         "best_val_acc": (t.last_result or {}).get("best_val_acc")} for t in search}
+    configs = {t.trial_id: {k: v for k, v in t.config.items()} for t in search}
+    extra = finalist_trials(done, configs, twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
+                            base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs)
+    return num_search + len(extra)
+
+
+def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log) -> int:
     from .ray_parts import storage_problem
     from .report import build_report
 
@@ -290,6 +326,7 @@ def _fit_and_report(tuner, folder: Path, total: int, log: Log) -> int:
         raise StorageError(f"results_dir: {problem} while writing {folder}; the sweep stopped, its saved "
                            f"state and checkpoints are intact: fix the storage, then run: sweep resume {folder}")
     trials = grid._experiment_analysis.trials if grid is not None else []
+    total = _expected_trials(cfg, num_search, trials)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if grid is None or unfinished or len(trials) < total:
         # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.
@@ -335,4 +372,4 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
                                storage_filesystem=atomic_local_filesystem(), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
-    return _fit_and_report(tuner, folder, num_samples(cfg, space), log)
+    return _fit_and_report(tuner, folder, cfg, num_samples(cfg, space), log)

@@ -53,7 +53,7 @@ def _config(nsmc_dir, cache_dir, results: Path) -> Path:
     cfg = small_config(nsmc_dir, cache_dir, results, train={"epochs": EPOCHS, "threads": 1, "alpha": 0.5},
                        student={"embedding_dim": 32})
     cfg["name"] = "cluster"
-    cfg["sweep"] = {"space": SPACE, "searcher": "grid", "max_concurrent": 2, "scheduler": {"kind": "none"},
+    cfg["sweep"] = {"space": SPACE, "searcher": "grid", "max_concurrent": 2, "scheduler": {"kind": "none"}, "twins": 0,
                     "max_failures": 2, "resources": {"cpu": 1}}
     path = results.parent / "cluster.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def test_ray_up_local_yaml_job_submit_and_ray_down(nsmc_dir, cache_dir, tmp_path
                            student={"embedding_dim": 16, "hidden_dim": 16})
         cfg["name"] = "rayup"
         cfg["sweep"] = {"space": {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [8, 16]}}},
-                        "searcher": "grid", "scheduler": {"kind": "none"}}
+                        "searcher": "grid", "scheduler": {"kind": "none"}, "twins": 0}
         sweep_yaml = tmp_path / "sweep.yaml"
         sweep_yaml.write_text(yaml.safe_dump(cfg))
 

@@ -255,6 +255,7 @@ def test_sweep_over_transfer_rows(make_config, tmp_path, transfer_file):
                             "train.alpha": {"type": "categorical", "choices": [0.2, 1.0]}}}
     path = make_config(data={"transfer_file": str(transfer_file), "train_rows": 2000}, teacher=NGRAM,
                        train={"epochs": 1}, sweep={"space": space, "searcher": "grid", "scheduler": {"kind": "none"},
+                                                  "twins": 0,
                                                   "max_concurrent": 2})
     r = run_cli("run", str(path))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,0 +1,300 @@
+"""KD gain measured, never assumed: after the search, the best finished trials (finalists) are rerun with more
+seeds and each gets a no-teacher twin (train.alpha 1, everything else the same), as trials of the same Ray
+experiment. Unit tests of the selection, the searcher's saved state and the gain arithmetic (no Ray cluster), then a
+real small sweep, and a driver SIGKILLed while finalist trials run, then resumed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli, small_config
+
+# ----------------------------------------------------------------------------- selection and gain, no Ray
+
+
+def _done(epoch=2, acc=0.7, error=False):
+    return {"error": error, "epoch": epoch, "best_val_acc": acc}
+
+
+def test_finalists_are_the_best_finished_search_trials_with_reruns_and_twins():
+    from sweep.ray_parts import OF, ROLE, finalist_trials
+
+    done = {"failed": _done(acc=0.99, error=True), "stopped": _done(epoch=1, acc=0.95), "nan": _done(acc=math.nan),
+            "a": _done(acc=0.80), "b": _done(acc=0.85), "c": _done(acc=0.75), "notchr": _done(acc=0.82)}
+    configs = {t: {"student.hidden_dim": 16, "train.alpha": 0.3} for t in done}
+    configs["notchr"] = {"student.hidden_dim": 32, "train.alpha": 1.0}  # already no teacher: no twin
+    configs["a"]["train.seed"] = 100  # a searched seed is the finalist's first seed
+    extra = finalist_trials(done, configs, twins=3, seeds=2, base_alpha=0.5, base_seed=7, max_epochs=2)
+    got = [(e[OF], e[ROLE], e["train.seed"], e["train.alpha"]) for e in extra]
+    assert got == [("b", "rerun", 8, 0.3), ("b", "twin", 7, 1.0), ("b", "twin", 8, 1.0),
+                   ("notchr", "rerun", 8, 1.0),
+                   ("a", "rerun", 101, 0.3), ("a", "twin", 100, 1.0), ("a", "twin", 101, 1.0)]
+    assert all(e["student.hidden_dim"] == configs[e[OF]]["student.hidden_dim"] for e in extra)
+    # One seed: only the twins; no finalist at all when nothing finished.
+    one = finalist_trials(done, configs, twins=1, seeds=1, base_alpha=0.5, base_seed=7, max_epochs=2)
+    assert [(e[OF], e[ROLE], e["train.seed"]) for e in one] == [("b", "twin", 7)]
+    assert finalist_trials({"x": _done(epoch=1)}, {"x": {}}, twins=3, seeds=2, base_alpha=0.5, base_seed=7,
+                           max_epochs=2) == []
+
+
+def _counting_searcher():
+    """A stand-in for the Optuna searcher: numbered configs; records which trials it is told about."""
+    from ray.tune.search import Searcher
+
+    class Counting(Searcher):
+        def __init__(self):
+            super().__init__(metric="val_acc", mode="max")
+            self.n, self.told = 0, []
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"student.hidden_dim": 8 * self.n}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.told.append(trial_id)
+
+        def save(self, path):
+            Path(path).write_bytes(pickle.dumps((self.n, self.told)))
+
+        def restore(self, path):
+            self.n, self.told = pickle.loads(Path(path).read_bytes())
+
+    return Counting()
+
+
+def _generator(max_concurrent=2):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from sweep.ray_parts import FinalistSearch
+
+    inner = ConcurrencyLimiter(_counting_searcher(), max_concurrent=max_concurrent)
+    return SearchGenerator(FinalistSearch(inner, num_search=3, twins=2, seeds=2, base_alpha=0.5, base_seed=0,
+                                          max_epochs=2, max_concurrent=max_concurrent))
+
+
+def test_finalist_search_waits_for_the_search_then_issues_each_extra_trial_once_across_a_restore(tmp_path):
+    from ray.tune.search import Searcher
+
+    from sweep.ray_parts import ROLE
+
+    gen = _generator()
+    fs = gen.searcher
+    issued = {}
+
+    def suggest(g, tid):
+        cfg = g.searcher.suggest(tid)
+        if isinstance(cfg, dict):
+            issued[tid] = cfg
+        return cfg
+
+    assert suggest(gen, "s1") and suggest(gen, "s2") and suggest(gen, "s3") is None  # 2 at a time
+    fs.on_trial_complete("s1", {"epoch": 2, "best_val_acc": 0.8})
+    assert suggest(gen, "s3")
+    assert suggest(gen, "w1") is None  # the search is not over: wait, do not finish
+    fs.on_trial_complete("s2", {"epoch": 2, "best_val_acc": 0.9})
+    fs.on_trial_complete("s3", {"epoch": 1, "best_val_acc": 0.95})  # stopped early: not a finalist
+    assert fs.searcher.searcher.told == ["s1", "s2", "s3"]
+    e1, e2 = suggest(gen, "e1"), suggest(gen, "e2")
+    assert suggest(gen, "e3") is None  # max_concurrent extra trials at a time
+    fs.on_trial_result("e1", {"val_acc": 0.5})
+    fs.on_trial_complete("e1", {"epoch": 2, "best_val_acc": 0.5})
+    assert fs.searcher.searcher.told == ["s1", "s2", "s3"]  # the searcher never hears of the extra trials
+
+    # Ray saves the searcher with its experiment state; a resumed sweep restores it into a fresh one.
+    gen.save_to_dir(str(tmp_path), session_str="x")
+    resumed = _generator()
+    resumed.restore_from_dir(str(tmp_path))
+    rest = [suggest(resumed, "r1")]
+    resumed.searcher.on_trial_complete("e2", {"epoch": 2})
+    resumed.searcher.on_trial_complete("r1", {"epoch": 2})
+    while True:
+        cfg = suggest(resumed, f"r{len(rest) + 1}")
+        if cfg == Searcher.FINISHED:
+            break
+        assert cfg is not None
+        rest.append(cfg)
+        resumed.searcher.on_trial_complete(f"r{len(rest)}", {"epoch": 2})
+    extras = [e1, e2, *rest]
+    keys = sorted((c["kd_of"], c[ROLE], c["train.seed"]) for c in extras)
+    assert keys == [("s1", "rerun", 1), ("s1", "twin", 0), ("s1", "twin", 1),
+                    ("s2", "rerun", 1), ("s2", "twin", 0), ("s2", "twin", 1)]  # none lost, none twice
+    assert all(c["train.alpha"] == 1.0 for c in extras if c[ROLE] == "twin")
+    assert all("train.alpha" not in c for c in extras if c[ROLE] == "rerun")
+
+
+def test_report_finalists_and_kd_gain_arithmetic():
+    from sweep.config import validate
+    from sweep.report import finalists, kd_gain, mean_std
+
+    m, s = mean_std([0.80, 0.84])
+    assert m == pytest.approx(0.82) and s == pytest.approx(math.sqrt(0.0008))
+    gain, se = kd_gain([0.80, 0.84], [0.78, 0.78])
+    assert gain == pytest.approx(0.04) and se == pytest.approx(math.sqrt(0.0008 / 2))
+    assert kd_gain([0.8], [0.7]) == (pytest.approx(0.1), 0.0)
+
+    cfg = validate({"train": {"epochs": 2, "alpha": 0.5}, "sweep": {"twins": 2, "finalist_seeds": 2}}, "t")
+
+    def row(tid, acc, test, role="search", of=None, status="finished", **hp):
+        return {"trial_id": tid, "best_val_acc": acc, "test_acc": test, "kd_role": role, "kd_of": of,
+                "status": status, **{f"hp.{k}": v for k, v in hp.items()}}
+
+    rows = [row("a", 0.90, 0.80), row("a2", None, 0.84, "rerun", "a"), row("at1", None, 0.78, "twin", "a"),
+            row("at2", None, 0.78, "twin", "a"),
+            row("b", 0.95, 0.85, **{"train.alpha": 1.0}), row("b2", None, 0.83, "rerun", "b", **{"train.alpha": 1.0}),
+            row("c", 0.99, 0.9, status="stopped_early"), row("d", 0.7, 0.7)]
+    fin = finalists(rows, cfg)
+    assert [e["trial_id"] for e in fin] == ["b", "a"]
+    b, a = fin
+    assert b["no_teacher"] and b["gain"] is None and not b["pending"] and b["acc"] == [0.85, 0.83]
+    assert a["acc"] == [0.80, 0.84] and a["twin_acc"] == [0.78, 0.78] and not a["pending"]
+    assert a["gain"][0] == pytest.approx(0.04) and a["gain"][1] == pytest.approx(math.sqrt(0.0004))
+    rows[3]["status"] = "failed"  # a twin that failed counts as missing, not as a zero
+    a = finalists(rows, cfg)[1]
+    assert a["twin_acc"] == [0.78] and a["pending"]
+
+
+# ----------------------------------------------------------------------------- real sweeps
+
+SPACE = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [8, 16, 24, 32]},
+                        "train.alpha": {"type": "categorical", "choices": [0.2, 0.5]}}}
+
+
+def _config(tmp: Path, nsmc_dir, cache_dir, name: str, epochs: int = 2, **sweep) -> Path:
+    cfg = small_config(nsmc_dir, cache_dir, tmp / "results", train={"epochs": epochs, "threads": 1},
+                       student={"embedding_dim": 16, "hidden_dim": 16})
+    cfg["name"] = name
+    cfg["sweep"] = {"space": SPACE, "searcher": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2,
+                    "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                    "resources": {"cpu": 1}, "twins": 2, "finalist_seeds": 2, **sweep}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _epochs(folder: Path, trial_id: str) -> list[int]:
+    rfile = folder / f"trial_{trial_id}" / "result.json"
+    return [json.loads(ln)["epoch"] for ln in rfile.read_text().splitlines() if ln.strip()]
+
+
+def _check_finalist_trials(folder: Path, epochs: int, twins: int) -> list[dict]:
+    """The `twins` best finished search trials are the finalists; each has its rerun (seed 1) and two twins (seeds
+    0 and 1) with the right configs, each run to the end exactly once."""
+    rows = pq.read_table(folder / "trials.parquet").to_pylist()
+    search = [r for r in rows if r["kd_role"] == "search"]
+    extra = [r for r in rows if r["kd_role"] != "search"]
+    assert len(search) == 4
+    finished = sorted((r for r in search if r["status"] == "finished"), key=lambda r: (-r["best_val_acc"], r["trial_id"]))
+    finalists = [r["trial_id"] for r in finished[:twins]]
+    by_id = {r["trial_id"]: r for r in search}
+    assert sorted({r["kd_of"] for r in extra}) == sorted(finalists)
+    keys = sorted((r["kd_of"], r["kd_role"], r["hp.train.seed"]) for r in extra)
+    assert keys == sorted((f, role, seed) for f in finalists
+                          for role, seed in (("rerun", 1), ("twin", 0), ("twin", 1))), keys  # none twice
+    for r in extra:
+        f = by_id[r["kd_of"]]
+        assert r["status"] == "finished" and not r["stopped_early"] and r["epochs"] == epochs, r
+        assert _epochs(folder, r["trial_id"]) == list(range(1, epochs + 1))  # no epoch trained twice
+        assert r["hp.train.alpha"] == (1.0 if r["kd_role"] == "twin" else f["hp.train.alpha"])
+        assert r["hp.student.hidden_dim"] == f["hp.student.hidden_dim"]
+    return rows
+
+
+def _gain_cells(report: str) -> dict[str, str]:
+    lines = report.split("## Finalists and their no-teacher twins")[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "KD gain" in header
+    cells = {}
+    for ln in lines[2:]:
+        if not ln.startswith("|"):
+            break
+        row = dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+        cells[row["Finalist"]] = row["KD gain"]
+    return cells
+
+
+@pytest.mark.slow
+def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir, cache_dir, tmp_path):
+    cfg = _config(tmp_path, nsmc_dir, cache_dir, "twins")
+    r = run_cli("run", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 search trials" in r.stderr and "then up to 6 finalist trials" in r.stderr
+    folder = tmp_path / "results" / "twins"
+    rows = _check_finalist_trials(folder, epochs=2, twins=2)
+    report = (folder / "report.md").read_text()
+    cells = _gain_cells(report)
+    for fid in {r["kd_of"] for r in rows if r["kd_of"]}:
+        runs = [r["test_acc"] for r in rows if r["trial_id"] == fid or (r["kd_of"] == fid and r["kd_role"] == "rerun")]
+        twins = [r["test_acc"] for r in rows if r["kd_of"] == fid and r["kd_role"] == "twin"]
+        assert len(runs) == len(twins) == 2
+        gain = 100 * (sum(runs) / 2 - sum(twins) / 2)
+        assert cells[fid].startswith(f"{gain:+.2f} pt ±"), (cells[fid], gain)
+    best = next(ln for ln in report.splitlines() if ln.startswith("- best:"))
+    assert not any(r["trial_id"] in best for r in rows if r["kd_role"] != "search")  # a twin is never the best
+    # The search trials alone went to Optuna.
+    import sqlite3
+
+    with sqlite3.connect(folder / "optuna.db") as db:
+        assert db.execute("select count(*) from trials").fetchone() == (4,)
+
+
+def _newest_epoch(folder: Path, trial_dir: Path) -> int:
+    return max((json.loads(m.read_text())["epoch"] for m in trial_dir.glob("checkpoint_*/meta.json")), default=0)
+
+
+def _roles(folder: Path) -> dict[Path, str]:
+    out = {}
+    for params in folder.glob("trial_*/params.json"):
+        try:
+            out[params.parent] = json.loads(params.read_text()).get("kd_role", "search")
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cache_dir, tmp_path):
+    epochs = 3
+    cfg = _config(tmp_path, nsmc_dir, cache_dir, "killed", epochs=epochs, twins=1)
+    folder = tmp_path / "results" / "killed"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline:  # a finalist trial half-way: it has a checkpoint, and more epochs to go
+        if any(role != "search" and 1 <= _newest_epoch(folder, d) < epochs for d, role in _roles(folder).items()):
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.3)
+    else:
+        raise AssertionError("no finalist trial started")
+    time.sleep(1.5)  # let Ray's state snapshot see the running finalist trials
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what a crash of the driver's machine would take down with it
+    except ProcessLookupError:
+        pass
+    search_before = {d.name: _epochs(folder, d.name.removeprefix("trial_"))
+                     for d, role in _roles(folder).items() if role == "search"}
+
+    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _check_finalist_trials(folder, epochs=epochs, twins=1)  # one finalist: a rerun, two twins, none twice
+    assert len(rows) == 7
+    search = {r["trial_dir"] for r in rows if r["kd_role"] == "search"}
+    assert search == set(search_before)
+    for d, epochs_before in search_before.items():
+        assert _epochs(folder, d.removeprefix("trial_")) == epochs_before  # kept, none trained again
