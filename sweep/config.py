@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 class SchedulerSection(Section):
     kind: Literal["asha", "none"] = "asha"
-    grace_period: PositiveInt = 1  # epochs every trial gets before it can be stopped
+    grace_period: PositiveInt = 2  # epochs every trial gets before it can be stopped (bench/asha_prejudge.py: 1 stops distilled students that would have won)
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
