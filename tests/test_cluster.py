@@ -2,6 +2,7 @@
 world, dashboard on 127.0.0.1, token authentication on, pinned versions, no committed secrets)."""
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -43,15 +44,73 @@ def safety_problems(cfg: dict) -> list[str]:
     if "--head" in head and "--include-dashboard=false" not in head and "--dashboard-host=127.0.0.1" not in head:
         problems.append("the dashboard is not bound to 127.0.0.1")
     for cmd in cfg.get("setup_commands", []):
-        for pkg in re.findall(r'"([a-zA-Z0-9_.,\-\[\]]+)(?:[<>=@ ][^"]*)?"', cmd):
-            if pkg.split("[")[0] in ("ray", "torch", "kd-sweep") and not re.search(re.escape(pkg) + r"\s*(==|@)", cmd):
-                problems.append(f"{pkg} is not pinned: {cmd}")
-            if pkg.split("[")[0] == "ray" and "default" not in pkg:
-                problems.append(f"{pkg} lacks the [default] extra (the dashboard and `ray job submit` need it)")
+        for req in pip_installed(cmd):
+            if req.name in ("ray", "torch", "kd-sweep") and not (req.url or any(
+                    s.operator in ("==", "===") and "*" not in s.version for s in req.specifier)):
+                problems.append(f"{req} is not pinned: {cmd}")
+            if req.name == "ray" and "default" not in req.extras:
+                problems.append(f"{req} lacks the [default] extra (the dashboard and `ray job submit` need it)")
     for src, dst in cfg.get("file_mounts", {}).items():
         if "auth_token" in src and not str(dst).startswith("~"):
             problems.append("the auth token must be mounted from the user's machine")
     return problems
+
+
+# pip options that take a value (the value is not a requirement); -e/--editable's value is one.
+_PIP_VALUE_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
+                      "-f", "--find-links", "-t", "--target", "--prefix", "--root", "--src", "--python-version",
+                      "--platform", "--implementation", "--abi", "--progress-bar", "--cache-dir", "--log"}
+
+
+def pip_installed(cmd: str) -> list:
+    """The requirements every `pip install` in a shell command line asks for, read as the shell and pip read them
+    (shlex: quoted or not, `&&`/`;`/`|` between commands), so `pip install ray[tune] torch` is seen as well as
+    `pip install "ray[tune]" "torch"`."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    lexer = shlex.shlex(cmd, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    words, segments = list(lexer), [[]]
+    for w in words:
+        if w and set(w) <= set(";&|"):
+            segments.append([])
+        else:
+            segments[-1].append(w)
+    reqs = []
+    for seg in segments:
+        pip = next((i for i, w in enumerate(seg) if re.fullmatch(r"(.*/)?pip3?(\.\d+)?", w)), None)
+        if pip is None or pip + 1 >= len(seg) or seg[pip + 1] != "install":
+            continue
+        args, i = seg[pip + 2:], 0
+        while i < len(args):
+            w = args[i]
+            if w in _PIP_VALUE_OPTIONS:
+                i += 2
+                continue
+            if w in ("-e", "--editable"):
+                i += 1
+                continue
+            if w.startswith("-"):
+                i += 1
+                continue
+            if i + 2 < len(args) and args[i + 1] == "@":  # `name @ url`, unquoted: three words
+                w, i = f"{w} @ {args[i + 2]}", i + 2
+            try:
+                reqs.append(Requirement(w))
+            except InvalidRequirement:  # a local path or a bare URL: names no package this check pins
+                pass
+            i += 1
+    return reqs
+
+
+def test_pip_installed_reads_specs_quoted_or_not():
+    names = lambda cmd: [(r.name, sorted(r.extras), str(r.specifier), r.url) for r in pip_installed(cmd)]
+    assert names('python3 -m pip install --quiet "ray[default,tune]==2.60.0" "torch==2.13.0"') == [
+        ("ray", ["default", "tune"], "==2.60.0", None), ("torch", [], "==2.13.0", None)]
+    cmd = "cd /x && pip install ray[tune] torch; pip3 install -i https://idx kd-sweep @ git+https://h/r@SHA"
+    assert names(cmd) == [
+        ("ray", ["tune"], "", None), ("torch", [], "", None), ("kd-sweep", [], "", "git+https://h/r@SHA")]
+    assert names("ray start --head") == [] and names("pip install -e . -r requirements.txt") == []
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
@@ -96,6 +155,12 @@ def test_every_field_is_commented():
      "not pinned"),
     (lambda c: c.__setitem__("setup_commands", ['python3 -m pip install "ray[tune]==2.60.0" "torch==2.13.0"']),
      "[default] extra"),
+    # unquoted specs, as a shell reads them
+    (lambda c: c.__setitem__("setup_commands", ["pip install ray[default,tune]==2.60.0 torch"]), "torch is not pinned"),
+    (lambda c: c.__setitem__("setup_commands", ["pip install ray[tune] torch==2.13.0"]), "ray[tune] is not pinned"),
+    (lambda c: c.__setitem__("setup_commands", ["pip install ray[tune]==2.60.0 torch==2.13.0"]), "[default] extra"),
+    (lambda c: c.__setitem__("setup_commands", ["cd /tmp && pip install kd-sweep"]), "kd-sweep is not pinned"),
+    (lambda c: c.__setitem__("setup_commands", ['pip install "torch>=2.4" "ray[default]==2.60.0"']), "not pinned"),
 ])
 def test_an_unsafe_config_fails_the_check(mutate, expected):
     cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())

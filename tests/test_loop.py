@@ -86,13 +86,24 @@ def test_corrupt_checkpoint_is_refused(prep, tmp_path):
 
 
 def test_checkpoint_pickle_that_runs_code_is_refused(tmp_path):
+    """A checkpoint folder whose state.pt is a pickle that runs code, with a meta.json whose hash matches (so the
+    hash check passes): `load_checkpoint` refuses it and the code never runs."""
+    import os
     import pickle
+
+    from trainable.io import sha256_file, write_json
+
+    marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.system, (f"touch {marker}",))
 
-    with open(tmp_path / "state.pt", "wb") as f:
+    ckpt = tmp_path / "checkpoints" / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    with open(ckpt / "state.pt", "wb") as f:
         pickle.dump({"model": Evil()}, f)
+    write_json(ckpt / "meta.json", {"epoch": 1, "sha256": sha256_file(ckpt / "state.pt")})
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(tmp_path / "state.pt", weights_only=True)
+        load_checkpoint(ckpt)
+    assert not marker.exists()

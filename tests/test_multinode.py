@@ -61,6 +61,32 @@ def _config(nsmc_dir, cache_dir, results: Path) -> Path:
     return path
 
 
+def _connect(cluster, env: dict) -> subprocess.CompletedProcess:
+    """A driver on the head's host joining the cluster with `env`; prints CONNECTED and the node count if let in."""
+    code = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+            "print('CONNECTED', len([n for n in ray.nodes() if n['Alive']]))" % cluster.address)
+    try:
+        return subprocess.run(["ip", "netns", "exec", cluster.head_ns, sys.executable, "-c", code], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:  # refused by retrying until it gave up: still not let in
+        return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "", e.stderr or "")
+
+
+def test_the_cluster_refuses_a_driver_with_a_wrong_or_no_token(cluster, tmp_path):
+    """Token authentication is on for the test cluster, not only configured: a driver with the cluster's token
+    joins, one with another token or with none is refused."""
+    ok = _connect(cluster, cluster.env)
+    assert ok.returncode == 0 and "CONNECTED 2" in ok.stdout, ok.stderr[-2000:]
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    for env in ({**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)},
+                {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}):
+        r = _connect(cluster, env)
+        assert r.returncode > 0 and "CONNECTED" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+        assert "token" in r.stderr.lower(), r.stderr[-2000:]
+
+
 def test_results_dir_that_a_node_cannot_see_is_refused(cluster, nsmc_dir, cache_dir):
     cfg_path = _config(nsmc_dir, cache_dir, cluster.workdir / "private" / "results")
     driver = cluster.run_in_head([sys.executable, "-m", "sweep.cli", "run", str(cfg_path), "--address",

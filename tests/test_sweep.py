@@ -291,6 +291,43 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     finished_before = {t: e for t, e in before.items() if e[-1] >= 4}
     assert finished_before
 
+    # ASHA after the crash: the scheduler the resume builds (ResumableASHA, replaying the folder) holds the same rungs
+    # and cutoffs as Ray's stock ASHA fed every result recorded before the crash, in the order they were reported;
+    # a trial started after the resume is stopped below that cutoff, where an ASHA with empty rungs lets it go on.
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweep.report import load_sweep_config
+    from sweep.tuner import make_scheduler
+
+    live = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    results = []
+    for rfile in folder.glob("trial_*/result.json"):
+        for ln in rfile.read_text().splitlines():
+            try:
+                results.append(json.loads(ln))
+            except json.JSONDecodeError:  # a line cut short by the kill
+                pass
+    for res in sorted(results, key=lambda res: (res["timestamp"], res["epoch"])):
+        trial = SimpleNamespace(trial_id=res["trial_id"])
+        if res["trial_id"] not in live._trial_info:
+            live.on_trial_add(None, trial)
+        live.on_trial_result(None, trial, res)
+    resumed = make_scheduler(load_sweep_config(folder), folder)
+    newcomer = SimpleNamespace(trial_id="after-the-resume")
+    resumed.on_trial_add(None, newcomer)
+    # The rungs that decide (milestones 1 and 2; a result at max_t = 4 ends the trial before any rung is read).
+    rungs = lambda s: {m: dict(recorded) for m, recorded in s._brackets[0]._rungs if m < 4}
+    assert rungs(resumed) == rungs(live) and len(rungs(live)[1]) >= 3
+    cutoffs = lambda s: {m: s._brackets[0].cutoff(recorded) for m, recorded in s._brackets[0]._rungs if m < 4}
+    assert cutoffs(resumed) == cutoffs(live)
+    below = live._brackets[0].cutoff(live._brackets[0]._rungs[-1][1]) - 0.01  # milestone 1 comes last in the list
+    assert resumed.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": below}) == "STOP"
+    empty = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    empty.on_trial_add(None, newcomer)
+    assert empty.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": below}) == "CONTINUE"
+
     r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     after = _epochs_by_trial(folder)
