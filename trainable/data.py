@@ -72,14 +72,19 @@ class Corpus:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
-    """Header, rows and the line number of the first row of a CSV/TSV file (UTF-8, strict)."""
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, a BOM allowed); an undecodable byte is a DataError naming its line."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: expected UTF-8 text, found undecodable byte 0x{raw[e.start]:02x}") from None
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and the line number of the first row of a CSV/TSV file (UTF-8, strict)."""
+    text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected a header line and at least one row")
     if path.suffix.lower() == ".csv":
@@ -265,12 +270,7 @@ def read_texts(path: Path, text_column: str) -> list[str]:
             raise DataError(f"{path}: expected a Parquet file with a '{text_column}' column ({e})") from None
         texts = ["" if t is None else str(t) for t in tbl.column(text_column).to_pylist()]
     else:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: expected UTF-8 text, found undecodable byte 0x{raw[e.start]:02x}") from None
+        text = _read_utf8(path)
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
