@@ -64,6 +64,18 @@ def _error_line(path: Path) -> str:
     return (lines[-1] if lines else "unknown error")[:500]
 
 
+def _checkpoint_epoch(tdir: Path) -> int:
+    """The newest epoch among the trial's checkpoints, from their small meta.json (0 if none). More than result.json
+    holds when the trial went on after the driver died: resumed, it starts after that epoch and may report nothing."""
+    epochs = [0]
+    for meta in tdir.glob("checkpoint_*/meta.json"):
+        try:
+            epochs.append(int(json.loads(meta.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return max(epochs)
+
+
 def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
     """Epochs missing from Ray's result.json are taken from the metric history the newest readable checkpoint
     carries. Ray copies result.json to storage in the background; when the driver dies or the storage fails before
@@ -103,7 +115,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
             continue
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
-        if by_epoch and len(by_epoch) < max(by_epoch):
+        if (by_epoch and len(by_epoch) < max(by_epoch)) or _checkpoint_epoch(tdir) > max(by_epoch, default=0):
             _fill_from_checkpoint(tdir, by_epoch)
         curve = [by_epoch[e][METRIC] for e in sorted(by_epoch)]
         last = by_epoch[max(by_epoch)] if by_epoch else {}
@@ -171,17 +183,17 @@ def kd_gain(distilled: list[float], twins: list[float]) -> tuple[float, float]:
 def finalists(rows: list[dict], cfg: Config) -> list[dict]:
     """One entry per finalist, best first: its test accuracies over seeds (its own trial first), its no-teacher
     twins', the KD gain (None until both sides have a finished run, or when the finalist has no teacher) and
-    whether runs are still missing. Finalists are the trials the reruns and twins name, plus, once every search
-    trial is done, the `sweep.twins` best finished ones (as FinalistSearch picks them: a finalist with alpha 1 has
-    no twin, and with one seed nothing names it)."""
+    whether runs are still missing. Finalists are the trials the reruns and twins name, plus, once those exist, the
+    `sweep.twins` best finished search trials (as FinalistSearch picks them: a finalist with alpha 1 has no twin,
+    and with one seed nothing names it). A sweep with no reruns or twins (older, or `twins: 0`) has none."""
     seeds = cfg.sweep.finalist_seeds
     search = [r for r in rows if r.get("kd_role", "search") == "search"]
     ids = [r["kd_of"] for r in rows if r.get("kd_of")]
-    if cfg.sweep.twins and cfg.sweep.objectives == "accuracy" and all(
-            r["status"] != STATUS_INCOMPLETE for r in search):
+    if ids:
         done = [r for r in search if r["status"] == STATUS_FINISHED and r["best_val_acc"] is not None
                 and math.isfinite(r["best_val_acc"])]
-        ids += [r["trial_id"] for r in sorted(done, key=lambda r: (-r["best_val_acc"], r["trial_id"]))[:cfg.sweep.twins]]
+        best = sorted(done, key=lambda r: (-r["best_val_acc"], r["trial_id"]))
+        ids += [r["trial_id"] for r in best[:cfg.sweep.twins]]
     by_id = {r["trial_id"]: r for r in search}
 
     def test_accs(rs: list[dict]) -> list[float]:
@@ -196,8 +208,9 @@ def finalists(rows: list[dict], cfg: Config) -> list[dict]:
         acc = test_accs([f] + [r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "rerun"])
         twin_acc = test_accs([r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "twin"])
         gain = kd_gain(acc, twin_acc) if acc and twin_acc and not no_teacher else None
+        pending = len(acc) < seeds or len(twin_acc) < (0 if no_teacher else seeds)
         out.append({"trial_id": fid, "row": f, "acc": acc, "twin_acc": twin_acc, "gain": gain,
-                    "no_teacher": no_teacher, "pending": len(acc) < seeds or len(twin_acc) < (0 if no_teacher else seeds)})
+                    "no_teacher": no_teacher, "pending": pending})
     return sorted(out, key=lambda e: (-(e["row"]["best_val_acc"] or 0), e["trial_id"]))
 
 
