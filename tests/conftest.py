@@ -57,6 +57,21 @@ def make_config(nsmc_dir, cache_dir, tmp_path):
     return make
 
 
+def kill_driver(proc) -> None:
+    """SIGKILL a sweep driver started with start_new_session=True, then its whole process group (Ray's workers):
+    what a crash of the driver's machine would take down with it."""
+    import signal
+    import time
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
     """Run the `sweep` CLI as a user would (a fresh process)."""
     full_env = {**os.environ, **(env or {})}

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, kill_driver, run_cli, small_config
 
 SPACE = {"parameters": {
     "student.hidden_dim": {"type": "int", "low": 8, "high": 64, "log": True},
@@ -280,13 +279,7 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.5)
     time.sleep(1.5)  # let Ray's state snapshot catch up with some of it, not all
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what a crash of the driver's machine would take down with it
-    except ProcessLookupError:
-        pass
+    kill_driver(proc)
     before = _epochs_by_trial(folder)
     finished_before = {t: e for t, e in before.items() if e[-1] >= 4}
     assert finished_before

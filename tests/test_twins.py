@@ -8,7 +8,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, kill_driver, run_cli, small_config
 
 # ----------------------------------------------------------------------------- selection and gain, no Ray
 
@@ -309,13 +308,7 @@ def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cac
     else:
         raise AssertionError("no finalist trial started")
     time.sleep(1.0)  # let Ray's state snapshot see the running finalist trials
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what a crash of the driver's machine would take down with it
-    except ProcessLookupError:
-        pass
+    kill_driver(proc)
     search_before = {d.name: _epochs(folder, d.name.removeprefix("trial_"))
                      for d, role in _roles(folder).items() if role == "search"}
 
