@@ -301,7 +301,7 @@ def _expected_trials(cfg: Config, num_search: int, trials) -> int:
     search = [t for t in trials if not t.config.get(ROLE)]
     done = {t.trial_id: {"error": t.status == "ERROR", "epoch": (t.last_result or {}).get("epoch"),
                          "best_val_acc": (t.last_result or {}).get("best_val_acc")} for t in search}
-    configs = {t.trial_id: {k: v for k, v in t.config.items()} for t in search}
+    configs = {t.trial_id: dict(t.config) for t in search}
     extra = finalist_trials(done, configs, twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
                             base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs)
     return num_search + len(extra)

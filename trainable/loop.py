@@ -104,35 +104,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512,
              padded: np.ndarray | None = None) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on a split; batches sorted by length."""
+    """(accuracy, mean cross-entropy) on a split."""
+    logits = torch.from_numpy(predict_split(model, split, batch_size, padded))
+    labels = torch.from_numpy(split.labels)
+    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512,
+                  padded: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) float32 logits in the split's row order; batches sorted by length, so little time goes to padding."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     padded = split.padded(dtype=np.int32) if padded is None else padded
     lengths = split.lengths
-    order = np.argsort(lengths, kind="stable")
-    correct, loss_sum = 0, 0.0
-    labels = torch.from_numpy(split.labels).to(device)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        tokens, lens = _batch(padded, lengths, idx, device)
-        logits = model(tokens, lens)
-        y = labels[idx]
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    model.train()
-    return correct / len(split), loss_sum / len(split)
-
-
-@torch.no_grad()
-def predict_split(model: torch.nn.Module, split: EncodedSplit, batch_size: int = 512) -> np.ndarray:
-    """(N, C) float32 logits in the split's row order; batches sorted by length."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    padded, lengths = split.padded(dtype=np.int32), split.lengths
     order = np.argsort(lengths, kind="stable")
     out = None
     for i in range(0, len(order), batch_size):
