@@ -2,6 +2,7 @@
 
     sweep prepare CONFIG                 data, tokenizer, teacher, teacher logits (idempotent, cached)
     sweep train CONFIG [--set k=v ...]   one student, no Ray
+    sweep plan CONFIG [--set k=v ...]    trials, trial-epochs and wall time of a sweep, before anything trains
     sweep run CONFIG [--set k=v ...]     a sweep with Ray Tune + Optuna + ASHA
     sweep resume NAME|PATH               continue an interrupted sweep
     sweep report NAME|PATH               trials.parquet, report.md and plots
@@ -48,14 +49,12 @@ def _quiet_libraries() -> None:
 
 
 def cmd_prepare(args) -> int:
-    from trainable.prepare import prepare
-
-    from .config import load_config, student_transfer_rows, student_vocab_sizes
+    from .config import load_config, load_space_for
 
     cfg, _ = load_config(args.config, args.set)
     t0 = time.perf_counter()
-    prep = prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), transfer_rows=student_transfer_rows(cfg))
-    if prep.teacher is not None:
+    prep = cfg.task_def.prepare(cfg, log, load_space_for(cfg))  # what a sweep of this config prepares
+    if getattr(prep, "teacher", None) is not None:
         log(f"teacher: {', '.join(str(t.path) for t in prep.teacher.members)} (val "
             f"{prep.teacher.metrics.get('val_acc', float('nan')):.4f}, "
             f"test {prep.teacher.metrics.get('test_acc', float('nan')):.4f})")
@@ -80,14 +79,22 @@ def cmd_train(args) -> int:
         ckpts = sorted((run_dir / "checkpoints").glob("epoch_*"))
         resume_from = ckpts[-1] if ckpts else None
     claim_dir(run_dir, force=args.force, resume=args.resume)
+    prep = None
     try:
-        prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
-        stamp(run_dir, cfg)
-        data, logits = student_inputs(prep.encoded, prep.logits, cfg)
-        if data.transfer is not None:
-            log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
-        result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
-                               run_dir=run_dir, resume_from=resume_from, log=log)
+        if cfg.task != "classify":
+            task = cfg.task_def
+            inputs = task.trial_inputs(task.prepare(cfg, log))
+            stamp(run_dir, cfg)
+            result = task.train(cfg, inputs, run_dir=run_dir, tb_dir=None, resume_from=resume_from, on_epoch=None,
+                                keep_checkpoints=2, log=log)
+        else:
+            prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
+            stamp(run_dir, cfg)
+            data, logits = student_inputs(prep.encoded, prep.logits, cfg)
+            if data.transfer is not None:
+                log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
+            result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
+                                   run_dir=run_dir, resume_from=resume_from, log=log)
     except BaseException:
         if resume_from is None and not (run_dir / "checkpoints").exists():
             import shutil
@@ -96,11 +103,16 @@ def cmd_train(args) -> int:
         raise
     out = asdict(result)
     out.pop("history")
-    if prep.teacher is not None:
+    if prep is not None and prep.teacher is not None:
         out["teacher"] = {"paths": [str(t.path) for t in prep.teacher.members], **prep.teacher.metrics}
     write_json(run_dir / "result.json", out)
-    log(f"student: val_acc {result.val_acc:.4f} test_acc {result.test_acc:.4f} params {result.params} "
-        f"size {result.size_kb:.1f} KiB, {result.samples_per_s:.0f} samples/s")
+    if prep is None:
+        log(f"{cfg.task}: best {result.metric} {result.best:.4f}, test " + ", ".join(
+            f"{k} {v:.4f}" for k, v in result.test.items()) + f", params {result.params}, "
+            f"{result.samples_per_s:.0f} samples/s")
+    else:
+        log(f"student: val_acc {result.val_acc:.4f} test_acc {result.test_acc:.4f} params {result.params} "
+            f"size {result.size_kb:.1f} KiB, {result.samples_per_s:.0f} samples/s")
     log(f"run folder: {run_dir}")
     print(json.dumps(out))
     return 0
@@ -110,6 +122,21 @@ def cmd_run(args) -> int:
     from .tuner import run_sweep
 
     return run_sweep(args.config, args.set, force=args.force, resume=args.resume, address=args.address, log=log)
+
+
+def cmd_plan(args) -> int:
+    from .config import ConfigError, load_config, load_space_for
+    from .plan import make_plan
+
+    cfg, _ = load_config(args.config, args.set)
+    space = load_space_for(cfg)
+    if space is None:
+        raise ConfigError(f"{args.config}: sweep.space: required key is missing (a search-space file or mapping)")
+    t0 = time.perf_counter()
+    plan = make_plan(cfg, space, log)
+    print("\n".join(plan.lines()))
+    log(f"planned in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -144,6 +171,22 @@ def cmd_predict(args) -> int:
     if not args.text and args.file is None:
         raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")
     texts = list(args.text) + (read_input_texts(args.file, args.column) if args.file is not None else [])
+    task_meta = Path(args.model_dir) / "config.json"
+    task = json.loads(task_meta.read_text()).get("task", "classify") if task_meta.is_file() else "classify"
+    if task != "classify":  # an export of another task (lm: loss and perplexity; tagger: tags), in its own format
+        from trainable.tasks import TaskError, load_task
+
+        t0 = time.perf_counter()
+        try:
+            rows = load_task(task).predict(Path(args.model_dir), texts)
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - t0
+        log(f"{task}: {len(texts)} texts in {seconds:.2f} s ({len(texts) / max(seconds, 1e-9):.0f} samples/s)")
+        return 0
     forward, tok, meta = load_runtime(Path(args.model_dir), args.runtime)
     t0 = time.perf_counter()
     probs = label_texts(forward, tok, texts, meta["max_length"], args.batch_size)
@@ -216,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing sweep of the same name")
     sp.add_argument("--resume", action="store_true", help="continue an existing sweep of the same name")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("plan", help="what a sweep will cost (trials, trial-epochs, wall time), before it runs")
+    with_config(sp)
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("resume", help="continue an interrupted sweep")
     sp.add_argument("target", help="sweep name (under results/) or folder")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from trainable.config import ExperimentConfig, Section, yaml_load
 from trainable.config import set_dotted as _set_dotted
@@ -26,12 +26,27 @@ class SchedulerSection(Section):
 
 class ResourcesSection(Section):
     cpu: float = Field(1.0, gt=0.0)  # per trial
-    gpu: float = Field(0.0, ge=0.0)  # per trial: 0.25 packs four students on one GPU
+    # per trial: 0.25 packs four students on one GPU; auto: as many as the largest trial's memory estimate lets
+    # share the cluster's GPU (sweep/plan.py), or the CPU when the cluster has no GPU
+    gpu: float | Literal["auto"] = 0.0
     gpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of refusing
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number of GPUs per trial (e.g. 0.25) or 'auto'")
+        if value != value or abs(value) == float("inf"):
+            raise ValueError("Input should be a finite number")
+        if value < 0:
+            raise ValueError("Input should be greater than or equal to 0")
+        return float(value)
 
     @model_validator(mode="after")
     def _check(self) -> "ResourcesSection":
-        if self.gpu > 1 and self.gpu != int(self.gpu):
+        if self.gpu != "auto" and self.gpu > 1 and self.gpu != int(self.gpu):
             raise ValueError(f"gpu: a trial asking for more than one GPU must ask for a whole number, got {self.gpu}")
         return self
 
@@ -39,7 +54,8 @@ class ResourcesSection(Section):
 class SweepSection(Section):
     space: Optional[str | dict] = None  # a search-space YAML (path, relative to this config) or one inline
     searcher: Literal["tpe", "random", "grid", "qmc"] = "tpe"
-    objectives: Literal["accuracy", "accuracy_and_size"] = "accuracy"  # the second: val_acc up, params down
+    objectives: Literal["accuracy", "accuracy_and_size"] = "accuracy"  # the second: the metric, and params down
+    metric: Optional[str] = None  # one of the task's metrics (classify: val_acc, val_loss); None: the task's first
     seed: int = 0
     num_samples: Optional[PositiveInt] = None  # None: 16, or the grid's size for a grid search
     max_concurrent: PositiveInt = 2
@@ -59,6 +75,21 @@ class SweepSection(Section):
 
 class Config(ExperimentConfig):
     sweep: SweepSection = SweepSection()
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> "Config":
+        task = self.task_def
+        if self.sweep.metric is not None and self.sweep.metric not in task.metrics:
+            raise ValueError(f"sweep.metric: task {self.task} has no metric {self.sweep.metric!r} "
+                             f"(it reports: {', '.join(task.metrics)})")
+        return self
+
+
+def metric_of(cfg: Config) -> tuple[str, str]:
+    """The sweep's metric and its mode: `sweep.metric`, else the task's first."""
+    task = cfg.task_def
+    metric = cfg.sweep.metric or task.metric
+    return metric, task.mode(metric)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -105,6 +136,8 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
     if e["type"] == "missing":
         return f"{origin}: {key}: required key is missing"
     msg = e["msg"].removeprefix("Value error, ")
+    if not e["loc"]:  # a whole-config check: its message names the key itself
+        return f"{origin}: {msg}"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{origin}: {key}: {msg}{got_s}"
@@ -134,6 +167,11 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
         raw["sweep"]["space"] = str((path.parent / space).resolve())
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(raw, key, value)
+    task = raw.get("task")
+    if isinstance(task, str) and task.endswith(".py") and not Path(task).is_absolute():
+        # A task module beside the config, like a search-space file. (--set task=x.py: relative to the cwd.)
+        base = Path.cwd() if "task" in parse_overrides(overrides or []) else path.parent
+        raw["task"] = str((base / task).resolve())
     return raw
 
 

@@ -28,7 +28,7 @@ from trainable.io import atomic_dir, write_json
 from trainable.loop import CheckpointError, load_checkpoint
 from trainable.student import BiLSTMClassifier, PortableBiLSTM
 
-from .config import ConfigError
+from .config import ConfigError, metric_of
 from .report import _ranked, collect_trials, load_sweep_config
 
 
@@ -105,7 +105,7 @@ def _int8_val_change(data_cfg, tok_path: Path, max_length: int, fp32, int8,
 def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
                 int8: bool = False) -> Path:
     cfg = load_sweep_config(folder)
-    ranked = _ranked(collect_trials(folder, cfg))
+    ranked = _ranked(collect_trials(folder, cfg), *metric_of(cfg))
     if not ranked:
         raise ConfigError(f"{folder}: no successful trial to export")
     if out.exists() and any(out.iterdir()) and not force:
@@ -115,6 +115,10 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
     params = json.loads((trial_dir / "params.json").read_text())
     tcfg = config_from_trial(cfg.model_dump(exclude={"sweep"}), params)
     state = _latest_valid_checkpoint(trial_dir, log)
+    if cfg.task != "classify":  # the task's own export format
+        with atomic_dir(out) as tmp:
+            cfg.task_def.export(trial_dir, tcfg, best, tmp, log, state=state, int8=int8)
+        return out
     weights = state["best_model"]
     vocab = tcfg.tokenizer.vocab_size
     tok_src = folder / "tokenizers" / f"vocab{vocab}.json"

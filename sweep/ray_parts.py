@@ -15,7 +15,6 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from trainable.loop import METRIC
 
 
 class KDOptunaSearch(OptunaSearch):
@@ -31,12 +30,17 @@ class KDOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(METRIC)
+        value = result.get(self.metric) if isinstance(self.metric, str) else None
         if isinstance(self.metric, list) or value is None or not math.isfinite(value):
             return
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials:
-            ot_trial.report(value, int(result.get("epoch", 0)))
+            try:
+                ot_trial.report(value, int(result.get("epoch", 0)))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Told (stopped or complete) just before a driver crash that came before Ray's next state snapshot:
+                # Ray resumes it as unfinished. The study already holds its outcome.
+                self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -166,8 +170,11 @@ class Progress(Callback):
     """One line on stderr at most every `every_s`: search trials running / finished / stopped early / failed, best
     so far (of the search trials), and, when the sweep has them (`extra` > 0), the finalists' reruns and twins."""
 
-    def __init__(self, total: int, max_epochs: int, every_s: float = 10.0, extra: int = 0):
-        self.total, self.max_epochs, self.every_s, self.extra = total, max_epochs, every_s, extra
+    metric: tuple[str, str] = ("val_acc", "max")  # (name, mode); a class default for states pickled before tasks
+
+    def __init__(self, total: int, max_epochs: int, every_s: float = 10.0, extra: int = 0,
+                 metric: tuple[str, str] = ("val_acc", "max")):
+        self.total, self.max_epochs, self.every_s, self.extra, self.metric = total, max_epochs, every_s, extra, metric
         self.t0 = time.time()
         self.last = 0.0
         self.best: tuple[float, str, int] | None = None
@@ -188,7 +195,7 @@ class Progress(Callback):
         self.last = now
         search = [v for t, v in self.done.items() if t not in self.finalist]
         counts = {k: search.count(k) for k in ("finished", "stopped early", "failed")}
-        best = f"best {METRIC} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})" if self.best else "no result yet"
+        best = f"best {self.metric[0]} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})" if self.best else "no result yet"
         finals = ""
         if self.extra:
             done = [v for t, v in self.done.items() if t in self.finalist]
@@ -204,10 +211,12 @@ class Progress(Callback):
         self.running.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        v = result.get(METRIC)
+        v = result.get(self.metric[0])
         if self._track(trial):  # a rerun or twin measures a finalist; it is never "the best"
             v = None
-        if v is not None and math.isfinite(v) and (self.best is None or v > self.best[0]):
+        better = v is not None and math.isfinite(v) and (
+            self.best is None or (v > self.best[0] if self.metric[1] == "max" else v < self.best[0]))
+        if better:
             self.best = (v, trial.trial_id, int(result.get("epoch", 0)))
         self._line()
 

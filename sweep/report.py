@@ -16,9 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainable.io import atomic_path, write_text
-from trainable.loop import METRIC
 
-from .config import ConfigError, Config, validate
+from .config import ConfigError, Config, metric_of, validate
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE = "finished", "stopped_early", "failed", "incomplete"
 
@@ -92,8 +91,17 @@ def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
         return
 
 
+def _best_of(values: list, mode: str):
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return (max(finite) if mode == "max" else min(finite)) if finite else None
+
+
 def collect_trials(folder: Path, cfg: Config) -> list[dict]:
-    """One dict per trial: hyperparameters, accuracies, epochs, status, error, curve."""
+    """One dict per trial: hyperparameters, the task's metric (final, best, curve: `final_<metric>`,
+    `best_<metric>`, `<metric>_curve`) and test score, epochs, status, error. For classify: final_val_acc,
+    best_val_acc, val_acc_curve, test_acc."""
+    metric, mode = metric_of(cfg)
+    test_key = cfg.task_def.test_key
     statuses = _ray_statuses(folder)
     rows = []
     for params_file in sorted(folder.glob("*/params.json")):
@@ -117,7 +125,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
         if (by_epoch and len(by_epoch) < max(by_epoch)) or _checkpoint_epoch(tdir) > max(by_epoch, default=0):
             _fill_from_checkpoint(tdir, by_epoch)
-        curve = [by_epoch[e][METRIC] for e in sorted(by_epoch)]
+        curve = [by_epoch[e].get(metric) for e in sorted(by_epoch)]
         last = by_epoch[max(by_epoch)] if by_epoch else {}
         epochs = max(by_epoch) if by_epoch else 0
         ray_status = statuses.get(trial_id, "")
@@ -141,11 +149,13 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
             "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
             "kd_role": params.get("kd_role", "search"), "kd_of": params.get("kd_of"),
             **{f"hp.{k}": v for k, v in params.items() if k not in ("kd_role", "kd_of")},
-            "final_val_acc": last.get(METRIC), "best_val_acc": last.get("best_val_acc"),
-            "test_acc": last.get("test_acc"), "best_epoch": last.get("best_epoch"), "epochs": epochs,
+            f"final_{metric}": last.get(metric),
+            f"best_{metric}": last[f"best_{metric}"] if f"best_{metric}" in last else _best_of(curve, mode),
+            **({test_key: last.get(test_key)} if test_key else {}), "best_epoch": last.get("best_epoch"),
+            "epochs": epochs,
             "stopped_early": status == STATUS_STOPPED, "params": last.get("params"), "size_kb": last.get("size_kb"),
             "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
-            "val_acc_curve": curve,
+            f"{metric}_curve": curve,
         })
     return rows
 
@@ -154,16 +164,19 @@ def _resolved(cfg: Config, row: dict, key: str):
     v = row.get(f"hp.{key}")
     if v is not None:
         return v
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
 
 
-def _ranked(rows: list[dict]) -> list[dict]:
-    """Search trials that did not fail, best validation accuracy first. A finalist's rerun or no-teacher twin is a
+def _ranked(rows: list[dict], metric: str = "val_acc", mode: str = "max") -> list[dict]:
+    """Search trials that did not fail, best value of `metric` first. A finalist's rerun or no-teacher twin is a
     measurement of the finalist, never a candidate for "best"."""
-    ok = [r for r in rows if r["status"] != STATUS_FAILED and r["best_val_acc"] is not None
-          and r.get("kd_role", "search") == "search"]
-    return sorted(ok, key=lambda r: -r["best_val_acc"])
+    key = f"best_{metric}"
+    ok = [r for r in rows if r["status"] != STATUS_FAILED and isinstance(r.get(key), (int, float))
+          and math.isfinite(r[key]) and r.get("kd_role", "search") == "search"]
+    return sorted(ok, key=lambda r: -r[key] if mode == "max" else r[key])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -228,7 +241,7 @@ def write_trials_parquet(folder: Path, rows: list[dict]) -> Path:
     cols = {}
     for k in keys:
         vals = [r.get(k) for r in rows]
-        if any(isinstance(v, (dict, list)) for v in vals if v is not None) and k != "val_acc_curve":
+        if any(isinstance(v, (dict, list)) for v in vals if v is not None) and not k.endswith("_curve"):
             vals = [None if v is None else json.dumps(v) for v in vals]
         if any(isinstance(v, str) for v in vals) and any(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                         for v in vals):
@@ -254,7 +267,7 @@ def _save_png(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[str]:
+def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable[[str], None]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,22 +276,25 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
     made = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        if r["val_acc_curve"]:
+        curve = r[f"{metric}_curve"]
+        if curve:
             style = "-" if r["status"] == STATUS_FINISHED else ":"
-            ax.plot(range(1, len(r["val_acc_curve"]) + 1), r["val_acc_curve"], style, alpha=0.7, lw=1.2)
+            ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], style, alpha=0.7,
+                    lw=1.2)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy per trial (dotted: stopped early or failed)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (dotted: stopped early or failed)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_png(fig, folder / "curves.png")
     plt.close(fig)
     made.append("curves.png")
 
-    ranked = _ranked(rows)
-    if ranked:
-        pts = [(r["best_val_acc"], r["params"]) for r in ranked]
-        front = pareto_front(pts)
+    ranked = _ranked(rows, metric, mode)
+    sign = 1 if mode == "max" else -1
+    if ranked and all(r["params"] is not None for r in ranked):
+        pts = [(r[f"best_{metric}"], r["params"]) for r in ranked]
+        front = pareto_front([(sign * v, p) for v, p in pts])
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], c=["tab:red" if i in front else "tab:blue" for i in
                                                                range(len(pts))], s=22)
@@ -286,7 +302,7 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
         ax.step([p[1] for p in fp], [p[0] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_ylabel("best validation accuracy")
+        ax.set_ylabel(f"best {metric}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -314,13 +330,44 @@ def _plots(folder: Path, rows: list[dict], log: Callable[[str], None]) -> list[s
     return made
 
 
+def _title(key: str) -> str:
+    return {"test_acc": "Acc", "best_val_acc": "Val Acc"}.get(key, key)
+
+
+def _with_result_columns(columns: dict[str, str], metric: str, test_key: str | None) -> dict[str, str]:
+    """The task's columns, with the result columns where the task put them ("@..." entries) or after its own."""
+    if any(v.startswith("@") for v in columns.values()):
+        return columns
+    out = dict(columns)
+    if test_key:
+        out[_title(test_key)] = test_key
+    out[_title(f"best_{metric}") if metric == "val_acc" else f"best {metric}"] = f"best_{metric}"
+    out.update({"Step": "@step", "Train Time": "@time", "Params": "params", "Size": "@size"})
+    return out
+
+
+def _cell(cfg: Config, r: dict, spec: str) -> str:
+    if spec.startswith("hp:"):
+        return _fmt(_resolved(cfg, r, spec[3:]))
+    if spec == "@step":
+        return f"{_fmt(r['best_epoch'])}/{r['epochs']}"
+    if spec == "@time":
+        return f"{_fmt(r['train_time_s'], 3)} s"
+    if spec == "@size":
+        return f"{r['size_kb'] / 1024:.2f} MB" if r.get("size_kb") else "-"
+    return _fmt(r.get(spec))
+
+
 def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
     """Write trials.parquet, report.md and the plots; return the report's path."""
     cfg = load_sweep_config(folder)
+    task = cfg.task_def
+    metric, mode = metric_of(cfg)
+    best_key, test_key = f"best_{metric}", task.test_key
     rows = collect_trials(folder, cfg)
     write_trials_parquet(folder, rows)
-    plots = _plots(folder, rows, log)
-    ranked = _ranked(rows)
+    plots = _plots(folder, rows, metric, mode, log)
+    ranked = _ranked(rows, metric, mode)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in
               (STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE)}
     n_extra = sum(1 for r in rows if r.get("kd_role", "search") != "search")
@@ -328,8 +375,9 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
     cmd = (folder / "command.txt").read_text().splitlines()[0] if (folder / "command.txt").is_file() else "?"
     lines = [f"# Sweep `{cfg.name}`", "",
              f"- command: `{cmd}`",
+             f"- task {cfg.task}" + (f" ({task.description})" if task.description else ""),
              f"- searcher {cfg.sweep.searcher} (seed {cfg.sweep.seed}), scheduler {cfg.sweep.scheduler.kind}, "
-             f"{cfg.train.epochs} epochs max, metric {METRIC} (max)",
+             f"{cfg.train.epochs} epochs max, metric {metric} ({mode})",
              f"- trials: {len(rows)} ({counts[STATUS_FINISHED]} finished, {counts[STATUS_STOPPED]} stopped early, "
              f"{counts[STATUS_FAILED]} failed, {counts[STATUS_INCOMPLETE]} incomplete"
              + (f"; {n_extra} of them finalists' reruns and twins" if n_extra else "") + "); "
@@ -351,10 +399,11 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
         source = "ensemble" if members else cfg.teacher.source
         lines.append(f"- teacher: {source} (val acc {_fmt(teacher.get('val_acc'))}, "
                      f"test acc {_fmt(teacher.get('test_acc'))})")
+    lines += task.report_lines(folder, cfg)
     if ranked:
         best = ranked[0]
-        lines.append(f"- best: trial {best['trial_id']}, validation accuracy {_fmt(best['best_val_acc'])}, test accuracy "
-                     f"{_fmt(best['test_acc'])}")
+        lines.append(f"- best: trial {best['trial_id']}, {metric} {_fmt(best[best_key])}"
+                     + (f", {test_key} {_fmt(best.get(test_key))}" if test_key else ""))
         edge = []
         try:
             from .config import load_space_for
@@ -365,9 +414,12 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
         except Exception:
             pass
         lines.append(f"- edge of the search space: {'yes, ' + '; '.join(edge) + ' (widen the space)' if edge else 'no'}")
-        front = [ranked[i] for i in pareto_front([(r["best_val_acc"], r["params"]) for r in ranked])]
-        lines.append("- Pareto front (validation accuracy up, parameters down): " + ", ".join(
-            f"{r['trial_id']} ({_fmt(r['best_val_acc'])}, {r['params']} params)" for r in sorted(front, key=lambda r: r["params"])))
+        sign = 1 if mode == "max" else -1
+        if all(r["params"] is not None for r in ranked):
+            front = [ranked[i] for i in pareto_front([(sign * r[best_key], r["params"]) for r in ranked])]
+            lines.append(f"- Pareto front ({metric} {'up' if mode == 'max' else 'down'}, parameters down): " + ", ".join(
+                f"{r['trial_id']} ({_fmt(r[best_key])}, {r['params']} params)"
+                for r in sorted(front, key=lambda r: r["params"])))
     fin = finalists(rows, cfg)
     if fin:
         def acc_cell(accs):
@@ -401,20 +453,18 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
                   "be seed noise. A finalist trained without a teacher (loss rate 1) has no twin: n/a. Reruns and "
                   "twins are measurements, never candidates: the ranking below and `sweep export` use search trials "
                   "only."]
-    lines += ["", "| Rank | Model | vocab size | hidden dim | embedding dim | loss rate | temperature | Acc | Val Acc | Step "
-              "| Train Time | step_size | Params | Size | Status |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    columns = task.columns or {k[3:]: f"hp:{k[3:]}" for k in dict.fromkeys(k for r in rows for k in r)
+                               if k.startswith("hp.")}
+    columns = _with_result_columns(columns, metric, test_key)
+    lines += ["", "| Rank | Model | " + " | ".join(columns) + " | Status |",
+              "|---:|---|" + "---:|" * len(columns) + "---|"]
     for i, r in enumerate(ranked + [r for r in rows if r not in ranked], 1):
-        size = f"{r['size_kb'] / 1024:.2f} MB" if r["size_kb"] else "-"
         role = "" if r.get("kd_role", "search") == "search" else f" ({r['kd_role']} of {r['kd_of']})"
-        lines.append(
-            f"| {i if r in ranked else '-'} | BiLSTM {r['trial_id']} | {_resolved(cfg, r, 'tokenizer.vocab_size')} | "
-            f"{_resolved(cfg, r, 'student.hidden_dim')} | {_resolved(cfg, r, 'student.embedding_dim')} | "
-            f"{_fmt(_resolved(cfg, r, 'train.alpha'))} | {_fmt(_resolved(cfg, r, 'train.temperature'))} | "
-            f"{_fmt(r['test_acc'])} | {_fmt(r['best_val_acc'])} | {_fmt(r['best_epoch'])}/{r['epochs']} | "
-            f"{_fmt(r['train_time_s'], 3)} s | {_resolved(cfg, r, 'train.step_size')} | {_fmt(r['params'])} | {size} | "
-            f"{r['status']}{': ' + r['error'] if r['error'] else ''}{role} |")
-    lines += ["", "Acc: test accuracy of the trial's best-validation checkpoint. Step: best epoch / epochs run.", ""]
+        cells = [_cell(cfg, r, spec) for spec in columns.values()]
+        lines.append(f"| {i if r in ranked else '-'} | {task.model_label} {r['trial_id']} | " + " | ".join(cells)
+                     + f" | {r['status']}{': ' + r['error'] if r['error'] else ''}{role} |")
+    lines += ["", (f"{_title(test_key)}: {test_key} of the trial's best-validation checkpoint. " if test_key else "")
+              + f"Best: the best {metric} over the epochs run. Step: best epoch / epochs run.", ""]
     lines += [f"![{p}]({p})" for p in plots]
     path = folder / "report.md"
     write_text(path, "\n".join(lines) + "\n")

@@ -12,11 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from trainable.loop import METRIC, MODE
-from trainable.prepare import Prepared, prepare
-
-from .config import (Config, ConfigError, load_config, load_space_for, student_transfer_rows, student_vocab_sizes,
-                     validate)
+from .config import Config, ConfigError, load_config, load_space_for, metric_of, validate
 from .runs import StorageError, claim_dir, stamp
 
 Log = Callable[[str], None]
@@ -48,8 +44,9 @@ def init_ray(address: str | None, dashboard: bool, log: Log) -> None:
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
 
 
-def check_resources(cfg: Config, log: Log) -> dict:
-    """Per-trial resources that some node can actually give; refused up front, never left pending forever."""
+def check_resources(cfg: Config, log: Log, folder: Path | None = None) -> dict:
+    """Per-trial resources that some node can actually give; refused up front, never left pending forever.
+    `gpu: auto` is sized here from the largest trial's memory estimate (sweep/plan.py; written to `folder`)."""
     import ray
 
     res = cfg.sweep.resources
@@ -57,6 +54,10 @@ def check_resources(cfg: Config, log: Log) -> dict:
     max_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
     max_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
     gpu = res.gpu
+    if gpu == "auto":
+        from .plan import auto_gpu
+
+        gpu = auto_gpu(cfg, load_space_for(cfg), log, folder, cluster_has_gpu=max_gpu > 0)
     if gpu > 0 and max_gpu == 0:
         if not res.gpu_fallback:
             raise ConfigError(f"sweep.resources.gpu: {gpu} GPU per trial asked, but the Ray cluster has no GPU "
@@ -136,15 +137,16 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
 
 def finalist_count(cfg: Config) -> int:
     """The most extra trials after the search: per finalist N - 1 reruns and N twins (N = finalist_seeds)."""
-    if cfg.sweep.objectives != "accuracy":  # a Pareto front has no single "best": no finalists
+    if cfg.sweep.objectives != "accuracy" or not cfg.task_def.twins:  # no single "best", or no teacher to switch off
         return 0
     return cfg.sweep.twins * (2 * cfg.sweep.finalist_seeds - 1)
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
+    metric, mode = metric_of(cfg)
     if cfg.sweep.objectives == "accuracy_and_size":
-        return [METRIC, "params"], [MODE, "min"]
-    return METRIC, MODE
+        return [metric, "params"], [mode, "min"]
+    return metric, mode
 
 
 def make_scheduler(cfg: Config, folder: Path):
@@ -155,7 +157,8 @@ def make_scheduler(cfg: Config, folder: Path):
     if cfg.sweep.scheduler.kind == "none":
         return FIFOScheduler()
     s = cfg.sweep.scheduler
-    return ResumableASHA(time_attr="epoch", metric=METRIC, mode=MODE, max_t=cfg.train.epochs,
+    metric, mode = metric_of(cfg)
+    return ResumableASHA(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.train.epochs,
                          grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor,
                          experiment_dir=str(folder.resolve()))
 
@@ -172,15 +175,14 @@ def num_samples(cfg: Config, space) -> int:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _trainable(cfg: Config, prep: Prepared, resources: dict):
+def _trainable(cfg: Config, prep, resources: dict):
     from ray import tune
 
-    from trainable.adapter import distill_trainable
+    from trainable.adapter import task_trainable
 
     base = cfg.model_dump(exclude={"sweep"})
-    logits = {k: v for k, v in prep.logits.items() if k in ("train", "transfer")} if prep.logits else None
-    fn = tune.with_parameters(distill_trainable, base=base, data=prep.encoded, logits=logits,
-                              num_classes=cfg.data.num_classes, keep_checkpoints=cfg.sweep.keep_checkpoints)
+    fn = tune.with_parameters(task_trainable, base=base, inputs=cfg.task_def.trial_inputs(prep),
+                              keep_checkpoints=cfg.sweep.keep_checkpoints)
     return tune.with_resources(fn, resources)
 
 
@@ -199,29 +201,15 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.keep_checkpoints),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
-                   Progress(total, cfg.train.epochs, extra=finalist_count(cfg)), StorageGuard()],
+                   Progress(total, cfg.train.epochs, extra=finalist_count(cfg), metric=metric_of(cfg)),
+                   StorageGuard()],
         verbose=0,
     )
 
 
-def needs_teacher(base_alpha: float, space) -> bool:
-    """Whether any trial can have a loss rate below 1. Alpha == 1 everywhere is plain cross-entropy: then no trial
-    needs the teacher, and none is trained. Alpha can come from the base config, the space's fixed values, a
-    `train.alpha` parameter, or a bundle choice that sets it."""
-    if space is None:
-        return base_alpha < 1.0
-    param = space.params.get("train.alpha")
-    if param is not None:  # every trial gets its alpha from the parameter
-        return param.type != "categorical" or any(a < 1.0 for a in param.choices)
-    alphas = [space.fixed.get("train.alpha", base_alpha)]
-    alphas += [c["train.alpha"] for p in space.params.values() if isinstance(p.choices, dict)
-               for c in p.choices.values() if "train.alpha" in c]
-    return any(a < 1.0 for a in alphas)
-
-
-def _prepare_for_sweep(cfg: Config, space, log: Log) -> Prepared:
-    return prepare(cfg, log, vocab_sizes=student_vocab_sizes(cfg), need_teacher=needs_teacher(cfg.train.alpha, space),
-                   transfer_rows=student_transfer_rows(cfg))
+def _prepare_for_sweep(cfg: Config, space, log: Log):
+    """The task's shared inputs, made once on the driver (cached by hash: a resumed sweep only reads files)."""
+    return cfg.task_def.prepare(cfg, log, space)
 
 
 def _quiet_ray_env() -> None:
@@ -244,16 +232,19 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     total = num_samples(cfg, space)
     claim_dir(folder, force=force, what="sweep")
     try:
+        from .plan import log_plan_summary
+
+        log_plan_summary(cfg, space, log)  # trials, trial-epochs and the expected wall time, before anything runs
         _quiet_ray_env()
         init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
-        resources = check_resources(cfg, log)
+        resources = check_resources(cfg, log, folder)
         check_shared_storage(folder, log)
         prep = _prepare_for_sweep(cfg, space, log)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing ran: leave nothing behind
         raise
     stamp(folder, cfg)
-    _save_artifacts(folder, prep)
+    cfg.task_def.save_artifacts(folder, prep)
     from ray import tune
 
     from .ray_parts import trial_dirname
@@ -273,22 +264,6 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         run_config=_run_config(cfg, folder, total, log),
     )
     return _fit_and_report(tuner, folder, cfg, total, log)
-
-
-def _save_artifacts(folder: Path, prep: Prepared) -> None:
-    """Copies that make the results folder self-contained: the student tokenizers and the teacher's metrics."""
-    from trainable.io import atomic_path, write_json
-
-    tok_dir = folder / "tokenizers"
-    tok_dir.mkdir(exist_ok=True)
-    for vocab, enc in prep.encoded.items():
-        with atomic_path(tok_dir / f"vocab{vocab}.json") as tmp:
-            shutil.copyfile(enc.tokenizer_file, tmp)
-    if prep.teacher is not None:
-        write_json(folder / "teacher.json", {
-            "paths": [str(t.path) for t in prep.teacher.members],
-            "checkpoint_hashes": [t.checkpoint_hash for t in prep.teacher.members], **prep.teacher.metrics,
-            "transfer_rows": len(prep.corpus.transfer) if prep.corpus.transfer is not None else 0})
 
 
 def _expected_trials(cfg: Config, num_search: int, trials) -> int:
@@ -365,7 +340,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     space = load_space_for(cfg)
     _quiet_ray_env()
     init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
-    resources = check_resources(cfg, log)
+    resources = check_resources(cfg, log, folder)
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")

@@ -177,6 +177,6 @@ def test_fuzzed_yaml_text_is_accepted_or_refused_cleanly(tmp_path, text):
         "plain": {"student.hidden_dim": 8}, "kd": {"student.hidden_dim": 8, "train.alpha": 0.5}}}}}, True),
 ])
 def test_the_teacher_is_prepared_exactly_when_some_trial_distils(base_alpha, space, expected):
-    from sweep.tuner import needs_teacher
+    from trainable.tasks.classify import needs_teacher
 
     assert needs_teacher(base_alpha, load_space(space) if space else None) is expected

@@ -333,7 +333,7 @@ _WRITERS = {"open", "write_text", "write_bytes", "touch", "save", "save_pretrain
 _NOT_ATOMIC_ON_PURPOSE = {
     ("trainable/adapter.py", "_warn", "open"):
         "appends one line to the trial's warnings.txt, a log for people; a crash can cut only its last line",
-    ("trainable/adapter.py", "distill_trainable", "write_text"):
+    ("trainable/adapter.py", "task_trainable", "write_text"):
         "the .not_retryable marker: its existence is the signal (the retry fails at once); a cut write shortens only "
         "the reason it repeats",
     ("trainable/data.py", "download_nsmc", "open"):

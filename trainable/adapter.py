@@ -1,7 +1,7 @@
-"""The Ray Tune trainable: a thin adapter over `trainable.loop.train_student`, and the only Ray import on the
-trial side.
+"""The Ray Tune trainable: a thin adapter over the config's task (`trainable/tasks/`: its `train`, a plain loop),
+and the only Ray import on the trial side.
 
-Per-trial dict -> typed config (once, here) -> the plain loop, whose per-epoch callback becomes `tune.report`
+Per-trial dict -> typed config (once, here) -> the task's `train`, whose per-epoch callback becomes `tune.report`
 with the epoch's checkpoint folder. A trial restored by Ray continues from its newest checkpoint in storage,
 and the `epoch` it reports (ASHA's time attribute) continues too, unlike Ray's own `training_iteration`.
 
@@ -18,17 +18,13 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 from ray import tune
 
 from .config import config_from_trial
-from .data import EncodedData
-from .loop import CheckpointError, EpochMetrics, NonFiniteLossError, load_checkpoint, train_student
-from .prepare import student_inputs
+from .loop import CheckpointError, NonFiniteLossError, load_checkpoint
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
 
@@ -77,10 +73,9 @@ def _shared_trial_dir() -> Path:
     return trial_dir
 
 
-def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], logits: dict[str, np.ndarray] | None,
-                      num_classes: int, keep_checkpoints: int = 2) -> None:
-    """One trial. `data` holds the encodings by vocab size, `logits` the teacher's for the train and transfer rows
-    (both shipped once through the object store); `student_inputs` picks this trial's rows."""
+def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: int = 2) -> None:
+    """One trial of the base config's task. `inputs` are the task's `trial_inputs` (for classify: the encodings by
+    vocab size and the teacher logits), shipped once through the object store."""
     trial_dir = _shared_trial_dir()
     marker = trial_dir / NOT_RETRYABLE
     if marker.is_file():
@@ -90,17 +85,15 @@ def distill_trainable(trial: dict, *, base: dict, data: dict[int, EncodedData], 
     except ValidationError as e:
         marker.write_text(f"invalid trial config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
         raise
-    encoded, teacher_logits = student_inputs(data, logits, cfg)
     work = Path(tempfile.mkdtemp(prefix="kd-trial-"))  # checkpoints are written here, then persisted by Ray
 
-    def report(m: EpochMetrics, ckpt: Path | None) -> None:
-        tune.report(asdict(m), checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+    def report(m: dict, ckpt: Path | None) -> None:
+        tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
     try:
         resume_from = _restore_point(trial_dir)
-        train_student(cfg.student, cfg.train, encoded, teacher_logits,
-                      num_classes=num_classes, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
-                      on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
+        cfg.task_def.train(cfg, inputs, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
+                           on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
     except NonFiniteLossError as e:
         marker.write_text(str(e))
         raise

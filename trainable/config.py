@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
+                      model_validator)
 
 NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 
@@ -66,6 +67,9 @@ class TokenizerConfig(Section):
     min_frequency: PositiveInt = 2
     limit_alphabet: PositiveInt = 1500  # keeps the Korean alphabet inside the vocab size
     train_on_transfer: bool = False  # also train the tokenizer on the transfer set's text
+    # A tokenizer.json to use instead of training one, e.g. an exported language model's (student.init_from needs
+    # the LM's own tokenizer, so that token ids mean the same words). `vocab_size` is then ignored.
+    file: Optional[str] = None
 
 
 class PretrainConfig(Section):
@@ -201,6 +205,9 @@ class StudentConfig(Section):
     hidden_dim: PositiveInt = 128
     num_layers: PositiveInt = 1
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    # An exported LSTM language model (task lm, `sweep export`) whose embedding, and LSTM when the hidden size
+    # matches, initialise the student's embedding and forward LSTM; with tokenizer.file its tokenizer.json.
+    init_from: Optional[str] = None
 
 
 class TrainConfig(Section):
@@ -233,8 +240,16 @@ class TrainConfig(Section):
 
 
 class ExperimentConfig(Section):
-    """Everything one distillation run needs. `sweep/config.py` extends it with the sweep section."""
+    """Everything one run needs. `sweep/config.py` extends it with the sweep section.
 
+    `task` names the study (trainable/tasks/): `classify` (distillation into a BiLSTM classifier, the default) or
+    another task, whose own options live in a top-level section named after it (e.g. `lm:`). A task reads the
+    shared sections it needs (`data`, `train`, ...) and ignores the others."""
+
+    # extra keys are allowed only for the task's own section; every other unknown key is refused in _task_section.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
+
+    task: str = "classify"
     name: str = Field("kd", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -243,6 +258,63 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     cache_dir: str = ".cache/kd"  # tokenizers, encoded data, teachers, logits (content-addressed)
     results_dir: str = "results"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, ref: str) -> str:
+        from .tasks import TaskError, load_task
+
+        try:
+            load_task(ref)
+        except TaskError as e:
+            raise ValueError(str(e).removeprefix("task: ")) from None
+        return ref
+
+    @model_validator(mode="after")
+    def _task_section(self) -> "ExperimentConfig":
+        """The task's own section, validated by the task's model (its defaults when absent); any other extra key
+        is an error naming it."""
+        from pydantic import ValidationError
+
+        task = self.task_def
+        extra = self.__pydantic_extra__
+        for key in extra:
+            if task.section is None or key != task.name:
+                raise ValueError(f"{key}: unknown key" + (f" (task {self.task} has no section {key!r})"
+                                                          if key in _task_names() else ""))
+        if task.section is not None:
+            raw = extra.get(task.name, {})
+            if isinstance(raw, task.section):
+                section = raw
+            elif not isinstance(raw, dict):
+                raise ValueError(f"{task.name}: expected a section (a mapping), got {type(raw).__name__}")
+            else:
+                try:
+                    section = task.section.model_validate(raw)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    loc = ".".join([task.name, *(str(p) for p in err["loc"])])
+                    if err["type"] == "extra_forbidden":
+                        raise ValueError(f"{loc}: unknown key") from None
+                    got = err.get("input")
+                    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+                    raise ValueError(f"{loc}: {err['msg'].removeprefix('Value error, ')}{got_s}") from None
+            extra[task.name] = section
+        task.check(self)
+        return self
+
+    @property
+    def task_def(self):
+        """The task module's `TASK` (trainable.tasks.Task)."""
+        from .tasks import load_task
+
+        return load_task(self.task)
+
+
+def _task_names() -> tuple[str, ...]:
+    from .tasks import BUILTIN
+
+    return BUILTIN
 
 
 def yaml_load(text: str):

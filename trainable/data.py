@@ -378,7 +378,11 @@ def tokenizer_path(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, 
 
 def get_tokenizer(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, log: Log = print,
                   vocab_size: int | None = None) -> Path:
-    """The cached tokenizer.json for this training split and vocab size, trained if missing."""
+    """The cached tokenizer.json for this training split and vocab size, trained if missing (or `tokenizer.file`)."""
+    if cfg.file is not None:
+        if not Path(cfg.file).is_file():
+            raise DataError(f"tokenizer.file: {cfg.file} not found (expected a tokenizer.json)")
+        return Path(cfg.file)
     path = tokenizer_path(corpus, cfg, cache_dir, vocab_size)
     if path.is_file():
         return path

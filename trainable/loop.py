@@ -1,7 +1,9 @@
-"""The student's training loop: plain PyTorch, no Ray. Runs and is tested on a laptop; the Ray trainable
-(`trainable/adapter.py`) is a thin adapter over `train_student`.
+"""The training loop: plain PyTorch, no Ray. Runs and is tested on a laptop; the Ray trainable
+(`trainable/adapter.py`) is a thin adapter over a task's `train`, which for every built-in task ends in `fit`.
 
-Per epoch: length-bucketed batches (reviews of almost equal length, so little time goes to padding) over the
+`fit(job, ...)` is the one loop: epochs, the best-validation weights and their test score, TensorBoard scalars,
+a checkpoint folder per epoch and an exact resume. A task's `Job` holds the part that differs (model, batches,
+loss, evaluation). The classify task's job, `StudentJob` (run by `train_student`), per epoch: length-bucketed batches (reviews of almost equal length, so little time goes to padding) over the
 labelled training rows plus the transfer rows (unlabeled; the teacher's soft labels are their only target), the
 distillation loss against cached teacher logits, Adam, StepLR or CyclicLR, evaluation on validation, TensorBoard
 scalars, and a checkpoint folder (model, optimizer, scheduler, epoch, RNG state) from which a run continues exactly
@@ -13,7 +15,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +29,7 @@ from .io import atomic_path, sha256_file, write_json
 from .losses import distillation_loss
 from .student import BiLSTMClassifier, count_params, state_dict_kb
 
-METRIC, MODE = "val_acc", "max"  # the one metric every part optimises and reports
+METRIC, MODE = "val_acc", "max"  # the classify task's metric (other tasks name their own: trainable/tasks/)
 BUCKET_BATCHES = 50  # batches per sorted chunk: enough to find equal lengths, small enough to stay random
 
 
@@ -37,25 +39,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, truncated or does not match its recorded hash."""
-
-
-@dataclass
-class EpochMetrics:
-    epoch: int
-    train_loss: float
-    train_ce: float
-    train_kd: float
-    val_acc: float
-    val_loss: float
-    lr: float
-    best_val_acc: float
-    best_epoch: int
-    test_acc: float  # of the best-validation weights so far
-    samples_per_s: float
-    train_time_s: float  # cumulative, training only (no evaluation)
-    params: int
-    size_kb: float
-    transfer_rows: int = 0  # unlabeled rows in each epoch, besides the labelled ones
 
 
 @dataclass
@@ -158,7 +141,7 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
     with atomic_path(folder / "state.pt") as tmp:
         torch.save(state, tmp)
     write_json(folder / "meta.json", {"epoch": state["epoch"], "sha256": sha256_file(folder / "state.pt"),
-                                      "val_acc": state["best_val_acc"]})
+                                      "metric": state.get("metric"), "best": state.get("best")})
     return folder
 
 
@@ -181,25 +164,232 @@ def load_checkpoint(folder: str | Path) -> dict:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def _hparams(student_cfg: StudentConfig, train_cfg: TrainConfig, vocab_size: int) -> dict:
-    hp = {"vocab_size": vocab_size, **student_cfg.model_dump(), **train_cfg.model_dump()}
-    return {k: (str(v) if isinstance(v, (tuple, list)) else v) for k, v in hp.items() if v is not None}
+def _hparams(*sections, **extra) -> dict:
+    hp = {**extra}
+    for section in sections:
+        hp.update(section.model_dump())
+    return {k: (str(v) if isinstance(v, (tuple, list)) else v) for k, v in hp.items()
+            if v is not None and not isinstance(v, dict)}
 
 
-def _open_writer(tb_dir: Path, hparams: dict):
+def _open_writer(tb_dir: Path, hparams: dict, metric_tags: tuple[str, ...]):
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
     writer = SummaryWriter(str(tb_dir))
     # Written at the start (not at the end, as add_hparams does in a sub-folder) so the HParams view shows the
-    # run while it trains and links it to the val/acc curve in the same folder.
-    exp, ssi, sei = hparams_summary(hparams, {"val/acc": 0.0, "val/loss": 0.0})
+    # run while it trains and links it to the validation curves in the same folder.
+    exp, ssi, sei = hparams_summary(hparams, {tag: 0.0 for tag in metric_tags})
     for s in (exp, ssi, sei):
         writer.file_writer.add_summary(s)
     return writer
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the loop, for every task
+
+
+class Job:
+    """One trial's model and optimisation, as a task builds it for `fit`: the part of training that differs
+    between tasks. `fit` owns the rest (epochs, best weights, test score, checkpoints, TensorBoard, resume)."""
+
+    model: torch.nn.Module
+    extra: dict = {}  # constant values added to every epoch's metrics (e.g. transfer_rows)
+
+    def train_epoch(self, epoch: int, gen: torch.Generator) -> dict[str, float]:
+        """One epoch. Returns the mean training scalars ("loss" first, then its parts), "lr" (the learning rate the
+        epoch used) and "samples" (rows seen). Raise NonFiniteLossError on a NaN/inf loss."""
+        raise NotImplementedError
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """{"acc": ..., "loss": ...}-style scores on "val" or "test" (reported as val_acc, test_acc, ...)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Optimizer and scheduler state, stored in the checkpoint beside the model."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class FitResult:
+    metric: str
+    best: float  # best validation value of `metric`
+    final: float  # its value after the last epoch
+    test: dict  # the best-validation weights' held-out scores, e.g. {"acc": ...}
+    best_epoch: int
+    epochs: int
+    params: int
+    size_kb: float
+    train_time_s: float
+    samples_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: float,
+        run_dir: str | Path | None = None, tb_dir: str | Path | None = None, resume_from: str | Path | None = None,
+        on_epoch: Callable[[dict, Optional[Path]], None] | None = None, keep_checkpoints: int = 2,
+        log: Callable[[str], None] = print, hparams: dict | None = None, seed: int = 0,
+        weights_name: str = "model.pt", test: bool = True) -> FitResult:
+    """Train `job` for `epochs` epochs. `metric` (a key of the epoch's metrics, e.g. "val_acc") and `mode`
+    ("max"/"min") pick the best weights; with `test`, the held-out split is scored whenever they improve.
+
+    With `run_dir`, a checkpoint folder `run_dir/checkpoints/epoch_NNNN` (model, the job's state, RNG, epoch, best
+    weights, history) is written after every epoch (the last `keep_checkpoints` kept), handed to `on_epoch` with the
+    epoch's metrics, and the best weights end as `run_dir/weights_name`. `resume_from` is such a folder: the run
+    continues with the next epoch, exactly where it stopped. Epoch e shuffles with a generator seeded by (seed, e),
+    so the order survives a resume."""
+    model = job.model
+    device = next(model.parameters()).device
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    start_epoch, best, best_epoch, test_scores, train_time, samples = 1, None, 0, {}, 0.0, 0
+    best_state, history = None, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        job.load_state_dict(state)
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_epoch = state["epoch"] + 1
+        best = state.get("best", state.get("best_val_acc"))  # (checkpoints before the task seam: val_acc only)
+        test_scores = state.get("test", {"acc": state.get("test_acc")})
+        best_epoch, best_state = state["best_epoch"], state["best_model"]
+        train_time, history = state["train_time_s"], state["history"]
+        log(f"resumed from {resume_from} (epoch {state['epoch']} done)")
+
+    run_dir = Path(run_dir) if run_dir is not None else None
+    tb_dir = Path(tb_dir) if tb_dir is not None else (run_dir / "tb" if run_dir is not None else None)
+    writer = None
+    if tb_dir is not None:
+        tags = tuple(dict.fromkeys([metric.replace("_", "/", 1), *getattr(job, "tb_metrics", ())]))
+        writer = _open_writer(tb_dir, hparams or {}, tags)
+    model.train()
+    try:
+        for epoch in range(start_epoch, epochs + 1):
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # epoch order survives a resume
+            t0 = time.perf_counter()
+            scalars = job.train_epoch(epoch, gen)
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            samples, lr = scalars.pop("samples"), scalars.pop("lr", None)
+            val = job.evaluate("val")
+            m = {"epoch": epoch, **{f"train_{k}": v for k, v in scalars.items()},
+                 **{f"val_{k}": v for k, v in val.items()}}
+            if metric not in m:
+                raise KeyError(f"metric {metric!r} is not among the epoch's metrics {sorted(m)}")
+            value = m[metric]
+            if best is None or (math.isfinite(value) and better(value, best)) or not math.isfinite(best):
+                best, best_epoch = value, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                if test:
+                    test_scores = job.evaluate("test")
+            if lr is not None:
+                m["lr"] = lr
+            m.update({f"best_{metric}": best, "best_epoch": best_epoch,
+                      **{f"test_{k}": v for k, v in test_scores.items()},
+                      "samples_per_s": samples / epoch_time, "train_time_s": train_time, "params": params,
+                      "size_kb": size_kb, **job.extra})
+            history.append(m)
+            log(f"epoch {epoch}/{epochs}: loss {m['train_loss']:.4f} "
+                + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+                + (f" lr {lr:.2e}" if lr is not None else "") + f" {m['samples_per_s']:.0f} samples/s")
+            if writer is not None:
+                for k, v in scalars.items():
+                    writer.add_scalar(f"train/{k}", v, epoch)
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, epoch)
+                if lr is not None:
+                    writer.add_scalar("lr", lr, epoch)
+                writer.flush()
+            ckpt = None
+            if run_dir is not None:
+                ckpt = save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch:04d}", {
+                    "model": model.state_dict(), **job.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "metric": metric, "best": best, "best_epoch": best_epoch, "test": test_scores,
+                    "best_model": best_state, "train_time_s": train_time, "history": history,
+                })
+                for old in sorted((run_dir / "checkpoints").glob("epoch_*"))[:-keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if on_epoch is not None:
+                on_epoch(m, ckpt)
+    finally:
+        if writer is not None:
+            writer.close()
+
+    if best_state is not None and run_dir is not None:
+        with atomic_path(run_dir / weights_name) as tmp:
+            torch.save(best_state, tmp)
+    last = history[-1] if history else {}
+    per_epoch = samples if epochs >= start_epoch else 0  # rows per epoch (the same every epoch)
+    return FitResult(
+        metric=metric, best=best if best is not None else float("nan"), final=last.get(metric, float("nan")),
+        test=test_scores, best_epoch=best_epoch, epochs=len(history), params=params, size_kb=size_kb,
+        train_time_s=train_time, samples_per_s=(per_epoch * len(history) / train_time) if train_time else 0.0,
+        history=history,
+    )
+
+
+# ----------------------------------------------------------------------------- the classify task's student
+
+
+class StudentJob(Job):
+    """The distillation student: length-bucketed batches over the labelled rows plus the transfer rows, the
+    distillation loss against cached teacher logits, Adam, StepLR (per epoch) or CyclicLR (per batch)."""
+
+    tb_metrics = ("val/acc", "val/loss")
+
+    def __init__(self, model: torch.nn.Module, train_cfg: TrainConfig, data: EncodedData,
+                 teacher_logits: Optional[np.ndarray], num_classes: int, device: torch.device):
+        self.model, self.cfg, self.data, self.device = model, train_cfg, data, device
+        self.pool = pool = data.train if data.transfer is None else EncodedSplit.concat(data.train, data.transfer)
+        # int32 ids: the pool with a large transfer set is hundreds of thousands of rows; batches become int64 on use.
+        self.padded, self.lengths = pool.padded(dtype=np.int32), pool.lengths
+        self.eval_padded = {"val": data.val.padded(dtype=np.int32), "test": data.test.padded(dtype=np.int32)}
+        self.labels = torch.from_numpy(pool.labels).to(device)  # NO_LABEL (-1) on transfer rows
+        self.t_logits = (torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32))
+                         if teacher_logits is not None else torch.zeros(len(pool), num_classes)).to(device)
+        self.opt = make_optimizer(model, train_cfg)
+        self.sched = make_scheduler(self.opt, train_cfg, math.ceil(len(pool) / train_cfg.batch_size))
+        self.extra = {"transfer_rows": len(pool) - len(data.train)}
+
+    def train_epoch(self, epoch: int, gen: torch.Generator) -> dict[str, float]:
+        cfg, model, opt = self.cfg, self.model, self.opt
+        sums = torch.zeros(3, dtype=torch.float64)
+        for b, idx in enumerate(bucketed_batches(self.lengths, cfg.batch_size, gen)):
+            tokens, lens = _batch(self.padded, self.lengths, idx, self.device)
+            idx_t = torch.from_numpy(idx).to(self.device)
+            logits = model(tokens, lens)  # (B, C)
+            loss, parts = distillation_loss(logits, self.t_logits[idx_t], self.labels[idx_t], cfg.alpha,
+                                            cfg.temperature, cfg.kd_kind)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"epoch {epoch}, batch {b}: loss is {loss.item()} (ce {parts['ce'].item()}, "
+                    f"kd {parts['kd'].item()}); lower train.lr or check the teacher logits")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.scheduler == "cyclic":
+                self.sched.step()
+            sums += torch.tensor([loss.item(), parts["ce"].item(), parts["kd"].item()], dtype=torch.float64) * len(idx)
+        lr = opt.param_groups[0]["lr"]
+        if cfg.scheduler == "step":
+            self.sched.step()
+        mean = (sums / len(self.pool)).tolist()
+        return {"loss": mean[0], "ce": mean[1], "kd": mean[2], "lr": lr, "samples": len(self.pool)}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        acc, loss = evaluate(self.model, getattr(self.data, split), self.cfg.eval_batch_size, self.eval_padded[split])
+        return {"acc": acc, "loss": loss}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
 
 def train_student(
@@ -212,7 +402,7 @@ def train_student(
     run_dir: str | Path | None = None,
     tb_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
-    on_epoch: Callable[[EpochMetrics, Optional[Path]], None] | None = None,
+    on_epoch: Callable[[dict, Optional[Path]], None] | None = None,
     keep_checkpoints: int = 2,
     log: Callable[[str], None] = print,
 ) -> RunResult:
@@ -221,17 +411,19 @@ def train_student(
     transfer row without a teacher has no target). `trainable.prepare.student_inputs` builds both for a config.
 
     With `run_dir`, a checkpoint folder `run_dir/checkpoints/epoch_NNNN` is written after every epoch (the last
-    `keep_checkpoints` kept) and handed to `on_epoch` together with the epoch's metrics. `resume_from` is such a
-    folder: the run continues with the next epoch, its RNG, optimizer and scheduler state restored.
+    `keep_checkpoints` kept) and handed to `on_epoch` together with the epoch's metrics (a dict: epoch, train_loss,
+    train_ce, train_kd, val_acc, val_loss, lr, best_val_acc, best_epoch, test_acc, test_loss, samples_per_s,
+    train_time_s, params, size_kb, transfer_rows). `resume_from` is such a folder: the run continues with the next epoch, its RNG, optimizer and
+    scheduler state restored.
     """
-    pool = data.train if data.transfer is None else EncodedSplit.concat(data.train, data.transfer)
+    n_pool = len(data.train) + (len(data.transfer) if data.transfer is not None else 0)
     if teacher_logits is None and train_cfg.alpha < 1.0:
         raise ValueError("teacher logits are required unless alpha == 1 (plain cross-entropy)")
     if teacher_logits is None and data.transfer is not None:
         raise ValueError("transfer rows need teacher logits (they have no label)")
-    if teacher_logits is not None and len(teacher_logits) != len(pool):
-        raise ValueError(f"teacher logits have {len(teacher_logits)} rows, the training rows {len(pool)} "
-                         f"({len(data.train)} labelled + {len(pool) - len(data.train)} transfer)")
+    if teacher_logits is not None and len(teacher_logits) != n_pool:
+        raise ValueError(f"teacher logits have {len(teacher_logits)} rows, the training rows {n_pool} "
+                         f"({len(data.train)} labelled + {n_pool - len(data.train)} transfer)")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
@@ -239,101 +431,19 @@ def train_student(
     device = resolve_device(train_cfg.device)
     model = BiLSTMClassifier(data.vocab_size, student_cfg.embedding_dim, student_cfg.hidden_dim, num_classes,
                              student_cfg.num_layers, student_cfg.dropout)
+    if student_cfg.init_from is not None:
+        from .student import init_from_lm
+
+        log(init_from_lm(model, student_cfg.init_from, data.tokenizer_file))
     params, size_kb = count_params(model), state_dict_kb(model)
     model.to(device)
-    # int32 ids: the pool with a large transfer set is hundreds of thousands of rows; batches become int64 on use.
-    padded, lengths = pool.padded(dtype=np.int32), pool.lengths
-    val_padded, test_padded = data.val.padded(dtype=np.int32), data.test.padded(dtype=np.int32)
-    labels = torch.from_numpy(pool.labels).to(device)  # NO_LABEL (-1) on transfer rows
-    t_logits = (torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None
-                else torch.zeros(len(pool), num_classes)).to(device)
-    n_batches = math.ceil(len(pool) / train_cfg.batch_size)
-    opt = make_optimizer(model, train_cfg)
-    sched = make_scheduler(opt, train_cfg, n_batches)
-
-    start_epoch, best_val, best_epoch, test_acc, train_time = 1, -1.0, 0, float("nan"), 0.0
-    best_state, history = None, []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch = state["epoch"] + 1
-        best_val, best_epoch, test_acc = state["best_val_acc"], state["best_epoch"], state["test_acc"]
-        best_state, train_time, history = state["best_model"], state["train_time_s"], state["history"]
-        log(f"resumed from {resume_from} (epoch {state['epoch']} done)")
-
-    run_dir = Path(run_dir) if run_dir is not None else None
-    tb_dir = Path(tb_dir) if tb_dir is not None else (run_dir / "tb" if run_dir is not None else None)
-    writer = _open_writer(tb_dir, _hparams(student_cfg, train_cfg, data.vocab_size)) if tb_dir is not None else None
-    model.train()
-    try:
-        for epoch in range(start_epoch, train_cfg.epochs + 1):
-            gen = torch.Generator().manual_seed(train_cfg.seed * 100_003 + epoch)  # epoch order survives a resume
-            sums = torch.zeros(3, dtype=torch.float64)
-            t0 = time.perf_counter()
-            for b, idx in enumerate(bucketed_batches(lengths, train_cfg.batch_size, gen)):
-                tokens, lens = _batch(padded, lengths, idx, device)
-                idx_t = torch.from_numpy(idx).to(device)
-                logits = model(tokens, lens)  # (B, C)
-                loss, parts = distillation_loss(logits, t_logits[idx_t], labels[idx_t], train_cfg.alpha,
-                                                train_cfg.temperature, train_cfg.kd_kind)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"epoch {epoch}, batch {b}: loss is {loss.item()} (ce {parts['ce'].item()}, "
-                        f"kd {parts['kd'].item()}); lower train.lr or check the teacher logits")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if train_cfg.scheduler == "cyclic":
-                    sched.step()
-                sums += torch.tensor([loss.item(), parts["ce"].item(), parts["kd"].item()], dtype=torch.float64) * len(idx)
-            epoch_time = time.perf_counter() - t0
-            train_time += epoch_time
-            lr = opt.param_groups[0]["lr"]
-            if train_cfg.scheduler == "step":
-                sched.step()
-            val_acc, val_loss = evaluate(model, data.val, train_cfg.eval_batch_size, val_padded)
-            if val_acc > best_val:
-                best_val, best_epoch = val_acc, epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                test_acc, _ = evaluate(model, data.test, train_cfg.eval_batch_size, test_padded)
-            mean = (sums / len(pool)).tolist()
-            m = EpochMetrics(epoch, mean[0], mean[1], mean[2], val_acc, val_loss, lr, best_val, best_epoch, test_acc,
-                             len(pool) / epoch_time, train_time, params, size_kb, len(pool) - len(data.train))
-            history.append(asdict(m))
-            log(f"epoch {epoch}/{train_cfg.epochs}: loss {m.train_loss:.4f} val_acc {val_acc:.4f} "
-                f"val_loss {val_loss:.4f} lr {lr:.2e} {m.samples_per_s:.0f} samples/s")
-            if writer is not None:
-                for tag, v in (("train/loss", m.train_loss), ("train/ce", m.train_ce), ("train/kd", m.train_kd),
-                               ("val/acc", val_acc), ("val/loss", val_loss), ("lr", lr)):
-                    writer.add_scalar(tag, v, epoch)
-                writer.flush()
-            ckpt = None
-            if run_dir is not None:
-                ckpt = save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch:04d}", {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch,
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "best_val_acc": best_val, "best_epoch": best_epoch,
-                    "test_acc": test_acc, "best_model": best_state, "train_time_s": train_time, "history": history,
-                })
-                for old in sorted((run_dir / "checkpoints").glob("epoch_*"))[:-keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-            if on_epoch is not None:
-                on_epoch(m, ckpt)
-    finally:
-        if writer is not None:
-            writer.close()
-
-    if best_state is not None and run_dir is not None:
-        with atomic_path(run_dir / "student.pt") as tmp:
-            torch.save(best_state, tmp)
-    last = history[-1] if history else {}
+    job = StudentJob(model, train_cfg, data, teacher_logits, num_classes, device)
+    r = fit(job, epochs=train_cfg.epochs, metric=METRIC, mode=MODE, params=params, size_kb=size_kb,
+            run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
+            keep_checkpoints=keep_checkpoints, log=log, seed=train_cfg.seed, weights_name="student.pt",
+            hparams=_hparams(student_cfg, train_cfg, vocab_size=data.vocab_size))
     return RunResult(
-        val_acc=best_val, final_val_acc=last.get("val_acc", float("nan")), test_acc=test_acc, best_epoch=best_epoch,
-        epochs=len(history), params=params, size_kb=size_kb, train_time_s=train_time,
-        samples_per_s=len(pool) * len(history) / train_time if train_time else 0.0, history=history,
+        val_acc=r.best, final_val_acc=r.final, test_acc=r.test.get("acc", float("nan")), best_epoch=r.best_epoch,
+        epochs=r.epochs, params=params, size_kb=size_kb, train_time_s=r.train_time_s, samples_per_s=r.samples_per_s,
+        history=r.history,
     )

@@ -13,6 +13,7 @@ position length - 1. Deeper stacks, whose second layer needs both directions at 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -146,3 +147,35 @@ def load_student_folder(path):
     model.load_state_dict(torch.load(path / "student.pt", map_location="cpu", weights_only=True))
     model.eval()
     return model, Tokenizer.from_file(str(path / "tokenizer.json")), meta
+
+
+def init_from_lm(model: BiLSTMClassifier, folder: str | Path, tokenizer_file: str | Path) -> str:
+    """Copy an exported LSTM language model (task lm) into a student: its embedding (the vocabularies must be the
+    same tokenizer and the embedding sizes equal) and, when the hidden sizes match, its LSTM into the student's
+    forward direction (layer 0). The backward direction and the classifier keep their initial weights. Returns a
+    line saying what was copied."""
+    from .data import DataError
+    from .io import sha256_file
+
+    folder = Path(folder)
+    meta_path, weights_path = folder / "config.json", folder / "lm.pt"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise DataError(f"student.init_from: {folder} is not an exported language model (expected config.json and "
+                         f"lm.pt from `sweep export` of an lm sweep)")
+    if sha256_file(folder / "tokenizer.json") != sha256_file(tokenizer_file):
+        raise DataError(f"student.init_from: the student's tokenizer is not the language model's; set "
+                         f"tokenizer.file: {folder / 'tokenizer.json'}")
+    lm = torch.load(weights_path, map_location="cpu", weights_only=True)
+    emb = lm["embedding.weight"]
+    if tuple(emb.shape) != tuple(model.embedding.weight.shape):
+        raise DataError(f"student.init_from: the LM's embedding is {tuple(emb.shape)}, the student's "
+                         f"{tuple(model.embedding.weight.shape)} (set student.embedding_dim to the LM's)")
+    copied = ["embedding"]
+    with torch.no_grad():
+        model.embedding.weight.copy_(emb)
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        if all(tuple(lm[f"lstm.{n}"].shape) == tuple(getattr(model.lstm, n).shape) for n in names):
+            for n in names:
+                getattr(model.lstm, n).copy_(lm[f"lstm.{n}"])
+            copied.append("forward LSTM")
+    return f"student: initialised {' and '.join(copied)} from the language model {folder}"

@@ -1,0 +1,154 @@
+"""The task seam: everything that differs between studies lives in one task module.
+
+A task is a module that defines `TASK`, an instance of a `Task` subclass. The sweep (config, Ray Tune, ASHA,
+Optuna, resume, report, export, TensorBoard) takes its metric, its columns and its work from the task, so a new
+study is one new module and nothing else. A config names its task with `task:` (default `classify`): a built-in
+name (`trainable/tasks/<name>.py`) or the path of a `.py` file that defines `TASK` (relative to the config file).
+
+The contract (see `Task` below for the signatures):
+- `name`: the task's name, also the top-level config section that holds its own options (`section`, a pydantic
+  model; None when the task has none). `uses`: the shared sections it reads (data, tokenizer, train, ...).
+- `metrics`: {name: mode} the task reports every epoch; the first is the default `sweep.metric`. `test_key`:
+  the held-out score of the best-validation weights, reported beside it.
+- `prepare(cfg, log, space)`: the expensive shared inputs, made once on the driver, cached by a hash of what
+  produced them. `trial_inputs(prepared)`: what trials receive (once, through Ray's object store).
+- `train(cfg, inputs, ...)`: one trial, plain PyTorch, no Ray: calls `on_epoch(metrics, checkpoint)` after every
+  epoch (the budget step ASHA counts), resumes from a checkpoint folder. Most tasks build a `trainable.loop.Job`
+  and hand it to `trainable.loop.fit`, which owns epochs, best-weights tracking, checkpoints and TensorBoard.
+- `columns`: the report table's columns (title -> a dotted config key, or a result key).
+- `export(trial_dir, cfg, out, log)`: the best trial as a folder the next stage reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+BUILTIN = ("classify", "lm", "tagger", "transformer")
+
+
+class TaskError(ValueError):
+    """A task that cannot be found or loaded: one line naming it."""
+
+
+class Task:
+    """Base class of a task. Subclasses set the class attributes and override the methods they need."""
+
+    name: str = ""
+    section: Optional[type] = None  # the task's own config section (a trainable.config.Section subclass)
+    uses: tuple[str, ...] = ("data", "train")
+    metrics: dict[str, str] = {}  # metric name -> "max" | "min"; the first is the default
+    test_key: Optional[str] = None  # e.g. "test_acc": the best-validation weights' held-out score
+    # Report table: column title -> "hp:<dotted config key>", a result key, or "@step"/"@time"/"@size"; without
+    # "@" entries the report appends the test score, the best metric, step, time, params and size.
+    columns: dict[str, str] = {}
+    model_label: str = ""  # the report's Model column (default: the task's name)
+    twins: bool = False  # finalists get a no-teacher twin (only for tasks with a teacher)
+    description: str = ""
+
+    def __init__(self):
+        self.model_label = self.model_label or self.name
+
+    @property
+    def metric(self) -> str:
+        return next(iter(self.metrics))
+
+    def mode(self, metric: str | None = None) -> str:
+        return self.metrics[metric or self.metric]
+
+    def check(self, cfg) -> None:
+        """Cross-section checks on a whole validated config; raise ValueError with a one-line reason."""
+
+    def prepare(self, cfg, log: Callable[[str], None], space=None) -> Any:
+        raise NotImplementedError
+
+    def trial_inputs(self, prepared) -> dict:
+        """Keyword arguments every trial's `train` receives as `inputs` (shipped once through the object store)."""
+        return {"prepared": prepared}
+
+    def save_artifacts(self, folder: Path, prepared) -> None:
+        """Copies that make the sweep folder self-contained (tokenizers, teacher metrics)."""
+
+    def train(self, cfg, inputs: dict, *, run_dir: Path | None, tb_dir: Path | None, resume_from: Path | None,
+              on_epoch: Callable[[dict, Optional[Path]], None] | None, keep_checkpoints: int,
+              log: Callable[[str], None]):
+        raise NotImplementedError
+
+    def export(self, trial_dir: Path, cfg, row: dict, out: Path, log: Callable[[str], None], **options) -> None:
+        raise TaskError(f"task {self.name}: export is not supported")
+
+    def predict(self, folder: Path, texts: list[str]) -> list[dict]:
+        """One JSON-able dict per text from an exported folder (what `sweep predict` prints)."""
+        raise TaskError(f"task {self.name}: predict is not supported")
+
+    def report_lines(self, folder: Path, cfg) -> list[str]:
+        """Extra lines for the report's summary (e.g. the teacher)."""
+        return []
+
+
+def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> tuple[dict[str, list[str]], str]:
+    """Unlabeled reviews from `data.transfer_file`, split once with `data.seed`: {"val", "test", "train"} and a key
+    that names them (file hash, seed, sizes) for caches. `rows_values`: every training size a trial can ask for
+    (None: all the rest); the largest is prepared and a smaller trial takes its first rows (nested subsets)."""
+    import numpy as np
+
+    from ..data import locate_transfer, read_texts
+    from ..io import sha256_file, sha256_json
+
+    path = locate_transfer(data_cfg)
+    texts = read_texts(path, data_cfg.text_column)
+    if len(texts) < val_rows + test_rows + 1:
+        raise TaskError(f"data.transfer_file: {path} has {len(texts)} reviews; val_rows + test_rows need "
+                        f"{val_rows + test_rows + 1} or more")
+    rest = len(texts) - val_rows - test_rows
+    n_train = rest if any(r is None for r in rows_values) else min(max(rows_values), rest)
+    order = np.random.default_rng(data_cfg.seed).permutation(len(texts))
+    pick = {"val": order[:val_rows], "test": order[val_rows:val_rows + test_rows],
+            "train": order[val_rows + test_rows:val_rows + test_rows + n_train]}
+    key = sha256_json({"file": sha256_file(path), "seed": data_cfg.seed, "val": val_rows, "test": test_rows,
+                       "train": n_train})
+    return {k: [texts[i] for i in v] for k, v in pick.items()}, key
+
+
+_loaded: dict[str, Task] = {}
+
+
+def load_task(ref: str) -> Task:
+    """The task a config names: a built-in name, a dotted module path, or a `.py` file defining `TASK`."""
+    if ref in _loaded:
+        return _loaded[ref]
+    if ref.endswith(".py"):
+        path = Path(ref)
+        if not path.is_file():
+            raise TaskError(f"task: {ref}: file not found (a task module is a .py file defining TASK)")
+        # A stable module name per file, so a worker that receives the module by value and the driver agree.
+        name = "kd_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise TaskError(f"task: {ref}: could not be loaded ({type(e).__name__}: {e})") from None
+    else:
+        modname = f"trainable.tasks.{ref}" if ref in BUILTIN else ref
+        if ref not in BUILTIN and "." not in ref:
+            raise TaskError(f"task: unknown task {ref!r} (built in: {', '.join(BUILTIN)}; or the path of a .py "
+                            f"file that defines TASK)")
+        try:
+            module = importlib.import_module(modname)
+        except ImportError as e:
+            raise TaskError(f"task: {ref}: cannot be imported ({e})") from None
+    task = getattr(module, "TASK", None)
+    if not isinstance(task, Task):
+        raise TaskError(f"task: {ref}: the module defines no TASK (an instance of trainable.tasks.Task)")
+    if not task.metrics:
+        raise TaskError(f"task: {ref}: TASK.metrics is empty (name -> 'max' or 'min')")
+    _loaded[ref] = task
+    return task
