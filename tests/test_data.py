@@ -139,3 +139,32 @@ def test_download_checks_row_count_header_and_labels(http_server, tmp_path):
         download_nsmc(url, dest, ("ratings_train.txt",), _quiet)
     with pytest.raises(DataError, match="download failed"):
         download_nsmc(url, dest, ("missing.txt",), _quiet)
+
+
+def test_wordpiece_training_is_deterministic_across_runs_and_processes(nsmc_dir):
+    """The tokenizers trainer breaks ties among equally rare characters, and numbers its "##" pieces, in hash-map
+    order: three runs on the same reviews gave three vocabularies (about 120 tokens apart, ids permuted), so two
+    caches of the same config trained different students. Same texts, same tokenizer now, at both sizes where
+    ties decide (the alphabet limit at 3000, merges at the vocabulary's end at 8000)."""
+    import subprocess
+    import sys
+
+    from trainable.data import SPECIAL_TOKENS, train_wordpiece
+
+    lines = (nsmc_dir / "ratings_train.txt").read_text(encoding="utf-8").splitlines()[1:12001]
+    texts = [ln.split("\t")[1] for ln in lines]
+    for vocab in (3000, 8000):
+        runs = [train_wordpiece(texts, vocab).to_str() for _ in range(3)]
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from trainable.data import train_wordpiece; "
+             f"t = open(sys.argv[1], encoding='utf-8').read().splitlines()[1:12001]; "
+             f"print(train_wordpiece([x.split(chr(9))[1] for x in t], {vocab}).to_str())",
+             str(nsmc_dir / "ratings_train.txt")],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        assert len(set(runs + [child])) == 1, f"vocab {vocab}: tokenizers differ between runs"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(runs[0])
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4] and tok.get_vocab_size() == 8000
+    enc = tok.encode("정말 재밌는 영화")
+    assert tok.decode(enc.ids) == "정말 재밌는 영화" and "[UNK]" not in enc.tokens

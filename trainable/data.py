@@ -352,19 +352,46 @@ def load_transfer(cfg: DataConfig, train: Table, rows: int | None,
 
 
 def train_wordpiece(texts: list[str], vocab_size: int, min_frequency: int = 2, limit_alphabet: int = 1500):
-    """A WordPiece tokenizer (NFKC, whitespace pre-tokenizer) trained on `texts`; [PAD] is id 0, [UNK] id 1."""
+    """A WordPiece tokenizer (NFKC, whitespace pre-tokenizer) trained on `texts`; [PAD] is id 0, [UNK] id 1.
+
+    Deterministic: the same texts give the same tokenizer, in any process. The trainer alone is not: it keeps the
+    `limit_alphabet` most frequent characters but breaks ties among equally rare ones in hash-map order, and it
+    numbers the "##" continuation characters in hash-map order too, which then decides which of two equally
+    frequent merges enters the vocabulary. So the alphabet is chosen here (by count, then by character) and handed
+    to the trainer with a limit of its own size, and the continuation characters the trainer would add are handed
+    to it first, in character order, as reserved tokens. The result is then renumbered (special tokens first, every
+    other token in string order) into a plain WordPiece model, with only the real special tokens marked special."""
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
+    def blank():
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece()
+        return tok
+
+    tok = blank()
+    counts: Counter = Counter()
+    inner: set[str] = set()  # characters seen inside a word, after its first
+    for t in texts:
+        norm = tok.normalizer.normalize_str(t)
+        counts.update(norm)
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(norm):
+            inner.update(word[1:])
+    alphabet = sorted((c for c in counts if not c.isspace()), key=lambda c: (-counts[c], c))[:limit_alphabet]
+    continuation = ["##" + c for c in sorted(inner.intersection(alphabet))]
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=limit_alphabet,
-        special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=len(alphabet), initial_alphabet=alphabet,
+        special_tokens=SPECIAL_TOKENS + continuation, show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return tok
+    rest = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
+    out = blank()
+    out.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]")
+    out.add_special_tokens(SPECIAL_TOKENS)
+    return out
 
 
 def tokenizer_path(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, vocab_size: int | None = None) -> Path:
