@@ -176,8 +176,19 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """The validated config. A search space's `fixed` values hold for every trial, so they are folded into the
+    config itself: preparation (data.*), ASHA's max_t (train.epochs) and the planner see what the trials run.
+    A --set of a key the space fixes to another value is refused (it would be silently overridden)."""
     raw = load_raw(path, overrides)
-    return validate(raw, str(path)), raw
+    cfg = validate(raw, str(path))
+    space = load_space_for(cfg)
+    if space is not None and space.fixed:
+        for key, value in parse_overrides(overrides or []).items():
+            if key in space.fixed and space.fixed[key] != value:
+                raise ConfigError(f"--set {key}: the search space {space.origin} fixes it to {space.fixed[key]!r}; "
+                                  f"change it in the space's fixed: section")
+        cfg = apply_overrides(cfg, space.fixed)
+    return cfg, raw
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

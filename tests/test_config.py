@@ -99,17 +99,15 @@ def test_overrides_and_scientific_notation(tmp_path):
 def test_bad_search_space(tmp_path, param, expected):
     space = _write(tmp_path, {"parameters": param}, "space.yaml")
     p = _write(tmp_path, {"sweep": {"space": "space.yaml"}})
-    cfg, _ = load_config(p)
     with pytest.raises(SpaceError) as e:
-        load_space_for(cfg)
+        load_config(p)  # the space is checked with the config, before any work
     assert str(space) in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_grid_with_a_non_grid_space_is_refused(tmp_path):
     _write(tmp_path, {"parameters": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}}, "space.yaml")
-    cfg, _ = load_config(_write(tmp_path, {"sweep": {"space": "space.yaml", "searcher": "grid"}}))
     with pytest.raises(ConfigError, match="grid search needs unconditional categorical"):
-        load_space_for(cfg)
+        load_config(_write(tmp_path, {"sweep": {"space": "space.yaml", "searcher": "grid"}}))
 
 
 def test_conditional_sampling_only_samples_active_parameters():
@@ -180,3 +178,20 @@ def test_the_teacher_is_prepared_exactly_when_some_trial_distils(base_alpha, spa
     from trainable.tasks.classify import needs_teacher
 
     assert needs_teacher(base_alpha, load_space(space) if space else None) is expected
+
+
+def test_a_spaces_fixed_values_reach_the_config_and_a_conflicting_set_is_refused(tmp_path):
+    """Fixed values hold for every trial, so preparation (data.*) and ASHA's max_t (train.epochs) must see them:
+    before, a space fixing train.epochs: 10 ran under a scheduler sized for the config's epochs."""
+    from sweep.tuner import make_scheduler
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                                     "fixed": {"train.epochs": 7, "data.train_rows": 1234}}))
+    cfg, _ = load_config(space)
+    assert cfg.train.epochs == 7 and cfg.data.train_rows == 1234
+    assert make_scheduler(cfg, tmp_path)._max_t == 7
+    cfg, _ = load_config(space, ["train.epochs=7", "train.lr=0.001"])  # agreeing or unrelated --set: fine
+    assert cfg.train.epochs == 7
+    with pytest.raises(ConfigError, match=r"^--set train.epochs: the search space .*space.yaml fixes it to 7"):
+        load_config(space, ["train.epochs=3"])
