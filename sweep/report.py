@@ -347,6 +347,8 @@ def _with_result_columns(columns: dict[str, str], metric: str, test_key: str | N
 
 
 def _cell(cfg: Config, r: dict, spec: str) -> str:
+    if spec == "@best":  # the best value of the sweep's metric, whichever the task's metrics it is
+        return _fmt(r.get(f"best_{metric_of(cfg)[0]}"))
     if spec.startswith("hp:"):
         return _fmt(_resolved(cfg, r, spec[3:]))
     if spec == "@step":
@@ -400,6 +402,14 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
         lines.append(f"- teacher: {source} (val acc {_fmt(teacher.get('val_acc'))}, "
                      f"test acc {_fmt(teacher.get('test_acc'))})")
     lines += task.report_lines(folder, cfg)
+    sizing = folder / "gpu_sizing.json"  # written by sweep.resources.gpu: auto
+    if sizing.is_file():
+        g = json.loads(sizing.read_text())
+        from trainable.memory import fmt_bytes
+
+        lines.append(f"- GPU sizing (gpu: auto): largest trial ~{fmt_bytes(g['estimate_bytes'])} (an estimate); "
+                     + (f"{g['trials_per_gpu']} per {fmt_bytes(g['gpu_bytes'])} GPU, {g['gpu_per_trial']:g} GPU "
+                        f"per trial" if g.get("gpu_bytes") else "no GPU in the cluster, trials ran on CPU"))
     if ranked:
         best = ranked[0]
         lines.append(f"- best: trial {best['trial_id']}, {metric} {_fmt(best[best_key])}"
@@ -456,6 +466,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
     columns = task.columns or {k[3:]: f"hp:{k[3:]}" for k in dict.fromkeys(k for r in rows for k in r)
                                if k.startswith("hp.")}
     columns = _with_result_columns(columns, metric, test_key)
+    columns = {(f"best {metric}" if spec == "@best" else title): spec for title, spec in columns.items()}
     lines += ["", "| Rank | Model | " + " | ".join(columns) + " | Status |",
               "|---:|---|" + "---:|" * len(columns) + "---|"]
     for i, r in enumerate(ranked + [r for r in rows if r not in ranked], 1):

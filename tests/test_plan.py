@@ -217,4 +217,5 @@ def test_run_prints_the_plan_and_gpu_auto_runs_on_cpu_without_a_gpu(make_config,
     assert "1 CPU + 0 GPU per trial" in r.stderr
     folder = tmp_path / "results" / "t"
     assert json.loads((folder / "gpu_sizing.json").read_text())["gpu_per_trial"] == 0.0
+    assert "- GPU sizing (gpu: auto): largest trial ~" in (folder / "report.md").read_text()  # the report states it
     assert yaml.safe_load((folder / "config.yaml").read_text())["sweep"]["resources"]["gpu"] == "auto"

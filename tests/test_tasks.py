@@ -99,7 +99,7 @@ TASK = Toy()
 # ----------------------------------------------------------------------------- tests
 
 
-def _sweep_config(tmp_path, task: str, name: str, space: dict, **sections):
+def _sweep_config(tmp_path, task: str, name: str, space: dict, metric: str | None = None, **sections):
     import yaml
 
     cfg = {"task": task, "name": name, "cache_dir": str(tmp_path / "cache"), "results_dir": str(tmp_path / "results"),
@@ -107,6 +107,8 @@ def _sweep_config(tmp_path, task: str, name: str, space: dict, **sections):
            "sweep": {"space": space, "searcher": "grid", "seed": 0, "max_concurrent": 1,
                      "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}, "resources": {"cpu": 1}},
            **sections}
+    if metric is not None:
+        cfg["sweep"]["metric"] = metric
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -175,18 +177,19 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
 
     space = {"parameters": {"train.lr": {"type": "categorical", "choices": [0.0001, 0.003]},
                             "lm.hidden_dim": {"type": "categorical", "choices": [16, 48]}}}
-    cfg = _sweep_config(tmp_path, "lm", "lm", space,
+    cfg = _sweep_config(tmp_path, "lm", "lm", space, metric="val_bpc",  # bits per character, not the default
                         data={"dir": str(nsmc_dir), "download": False, "transfer_file": "unlabeled.txt"},
                         lm={"vocab_size": 800, "rows": 1500, "val_rows": 300, "test_rows": 300, "embedding_dim": 16,
                             "max_length": 32})
     folder = tmp_path / "results" / "lm"
     rows = _killed_and_resumed(cfg, folder)
     for row in rows:
-        curve = row["val_loss_curve"]
-        assert all(math.isfinite(v) for v in curve)
-        assert row["best_val_loss"] == min(curve) and row["test_ppl"] > 1.0
+        curve = row["val_bpc_curve"]
+        assert all(math.isfinite(v) and 0 < v < 16 for v in curve)  # bits per character of Korean text
+        assert row["best_val_bpc"] == min(curve) and row["test_ppl"] > 1.0
     report = (folder / "report.md").read_text()
-    assert "metric val_loss (min)" in report and "| Rank | Model | vocab size |" in report
+    assert "metric val_bpc (min)" in report and "| Rank | Model | vocab size |" in report
+    assert "| best val_bpc | Test PPL |" in report
 
     out = tmp_path / "lm_export"
     r = run_cli("export", str(folder), "--out", str(out))
@@ -221,6 +224,28 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
     r = run_cli("train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "student"))
     assert r.returncode == 0 and "initialised embedding and forward LSTM" in r.stderr, r.stderr[-3000:]
     assert json.loads(r.stdout)["val_acc"] > 0.5
+
+
+def test_lm_bits_per_character_count_every_character_at_any_vocab_size(nsmc_dir):
+    """val_bpc divides the summed loss by characters, not tokens, so vocabularies compare: the characters counted
+    are those of the text (spaces aside), whatever the vocabulary size, and a truncated review counts only what
+    its kept tokens cover."""
+    import unicodedata
+
+    from trainable.data import train_wordpiece
+    from trainable.tasks.lm import covered_chars
+
+    lines = (nsmc_dir / "ratings_train.txt").read_text(encoding="utf-8").splitlines()[1:1501]
+    texts = [unicodedata.normalize("NFKC", ln.split("\t")[1]) for ln in lines]
+    expected = np.array([len(t) - t.count(" ") for t in texts])
+    counts = {}
+    for vocab in (300, 3000):
+        tok = train_wordpiece(texts, vocab, min_frequency=2, limit_alphabet=1500)
+        counts[vocab] = covered_chars(tok, texts, max_length=1000)
+        assert (counts[vocab] == expected).all()
+        assert (covered_chars(tok, texts, max_length=3) <= expected).all()
+    lengths = {v: sum(len(e.ids) for e in train_wordpiece(texts, v, 2, 1500).encode_batch(texts)) for v in (300, 3000)}
+    assert lengths[300] > 1.2 * lengths[3000]  # the smaller vocabulary cuts the same text into more tokens
 
 
 def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_reads(nsmc_dir, tmp_path):

@@ -42,8 +42,9 @@ class Task:
     uses: tuple[str, ...] = ("data", "train")
     metrics: dict[str, str] = {}  # metric name -> "max" | "min"; the first is the default
     test_key: Optional[str] = None  # e.g. "test_acc": the best-validation weights' held-out score
-    # Report table: column title -> "hp:<dotted config key>", a result key, or "@step"/"@time"/"@size"; without
-    # "@" entries the report appends the test score, the best metric, step, time, params and size.
+    # Report table: column title -> "hp:<dotted config key>", a result key, or "@best" (the best value of the
+    # sweep's metric, titled by it), "@step", "@time", "@size"; without "@" entries the report appends the test
+    # score, the best metric, step, time, params and size.
     columns: dict[str, str] = {}
     model_label: str = ""  # the report's Model column (default: the task's name)
     twins: bool = False  # finalists get a no-teacher twin (only for tasks with a teacher)

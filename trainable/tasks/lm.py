@@ -8,6 +8,10 @@ the subset and the tokenizer. A review is modelled as [CLS] w1 .. wn -> w1 .. wn
 Model: Embedding -> dropout -> LSTM -> dropout -> Linear to the vocabulary; cross-entropy over real tokens
 (padding excluded), Adam with gradient clipping and the `train` section's StepLR/CyclicLR. Metric: validation
 loss per token (min), also perplexity (`val_ppl` = exp(val_loss)); `test_ppl` on the held-out test reviews.
+Loss per token is not comparable across vocabulary sizes (a smaller vocabulary cuts text into more, easier
+tokens), so the task also reports `val_bpc`, bits per character: the same summed loss over the characters the
+kept tokens cover (spaces not counted, the end of a review counted as one), in bits. A sweep over `lm.vocab_size`
+should rank by it (`sweep.metric: val_bpc`, as seed_lm.yaml does).
 The budget step ASHA counts is one epoch over the training reviews.
 
 Export: a folder with `lm.pt` (state dict), `tokenizer.json` and `config.json`; `sweep predict` scores texts with
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +76,7 @@ class LMData:
     test: object
     vocab_size: int
     tokenizer_file: str
+    chars: dict  # split -> (N,) characters of each review its kept tokens cover (tokenizer offsets; no spaces)
 
 
 def _inputs_targets(split, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +114,7 @@ def text_losses(model: LSTMLanguageModel, split, batch_size: int = 256) -> tuple
 class LMJob:
     """The LM's part of `fit`: batches, loss, evaluation."""
 
-    tb_metrics = ("val/loss", "val/ppl")
+    tb_metrics = ("val/loss", "val/ppl", "val/bpc")
     extra: dict = {}
 
     def __init__(self, model, cfg, data: LMData, device):
@@ -145,9 +150,11 @@ class LMJob:
         return {"loss": total / tokens, "lr": lr, "samples": len(split)}
 
     def evaluate(self, split: str) -> dict:
-        sums, counts = text_losses(self.model, getattr(self.data, split), self.cfg.train.eval_batch_size)
+        data = getattr(self.data, split)
+        sums, counts = text_losses(self.model, data, self.cfg.train.eval_batch_size)
         loss = float(sums.sum() / counts.sum())
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        chars = int(self.data.chars[split].sum()) + len(data)  # + the end of each review
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpc": float(sums.sum() / chars / math.log(2))}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
@@ -157,13 +164,20 @@ class LMJob:
         self.sched.load_state_dict(state["scheduler"])
 
 
+def covered_chars(tok, texts: list[str], max_length: int) -> np.ndarray:
+    """(N,) characters each text's first `max_length` tokens cover, from the tokenizer's offsets: spaces are not
+    counted, a word the vocabulary cannot spell ([UNK]) counts with all its characters."""
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    return np.array([sum(b - a for a, b in e.offsets[:max_length]) for e in encs], dtype=np.int64)
+
+
 def _prepare_one(cfg, texts: dict[str, list[str]], file_key: str, vocab: int, log) -> LMData:
     from tokenizers import Tokenizer
 
     from ..data import EncodedSplit, encode_texts, train_wordpiece
     from ..io import atomic_path, sha256_json
 
-    key = sha256_json({"file": file_key, "vocab": vocab, "max_length": cfg.lm.max_length,
+    key = sha256_json({"v": 2, "file": file_key, "vocab": vocab, "max_length": cfg.lm.max_length,
                        "min_freq": cfg.tokenizer.min_frequency, "alpha": cfg.tokenizer.limit_alphabet})[:16]
     folder = Path(cfg.cache_dir) / "lm" / key
     tok_file, enc_file = folder / "tokenizer.json", folder / "encoded.npz"
@@ -178,32 +192,34 @@ def _prepare_one(cfg, texts: dict[str, list[str]], file_key: str, vocab: int, lo
         arrays = {}
         for name, t in texts.items():
             arrays[f"{name}_tokens"], arrays[f"{name}_offsets"] = encode_texts(tok, t, cfg.lm.max_length)
+            arrays[f"{name}_chars"] = covered_chars(tok, t, cfg.lm.max_length)
         with atomic_path(enc_file) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
         log(f"lm: encoded {sum(len(t) for t in texts.values())} reviews (vocab {vocab}) into {folder}")
     with np.load(enc_file) as z:
-        splits = {}
+        splits, chars = {}, {}
         for name in ("train", "val", "test"):
+            chars[name] = z[f"{name}_chars"]
             offsets = z[f"{name}_offsets"]
             n = len(offsets) - 1
             splits[name] = EncodedSplit(np.arange(n), np.zeros(n, dtype=np.int64), z[f"{name}_tokens"], offsets)
     # The trained vocabulary can exceed the asked size (the alphabet is kept whole): size the model by the real one.
     real = Tokenizer.from_file(str(tok_file)).get_vocab_size()
-    return LMData(splits["train"], splits["val"], splits["test"], real, str(tok_file))
+    return LMData(splits["train"], splits["val"], splits["test"], real, str(tok_file), chars)
 
 
 class LanguageModel(Task):
     name = "lm"
     section = LMConfig
     uses = ("data", "tokenizer", "train", "lm")
-    metrics = {"val_loss": "min", "val_ppl": "min"}
+    metrics = {"val_loss": "min", "val_ppl": "min", "val_bpc": "min"}
     test_key = "test_ppl"
     model_label = "LSTM-LM"
-    description = "an LSTM language model on unlabeled text (validation loss per token)"
+    description = "an LSTM language model on unlabeled text (validation loss per token, or bits per character)"
     columns = {"vocab size": "hp:lm.vocab_size", "embedding dim": "hp:lm.embedding_dim",
                "hidden dim": "hp:lm.hidden_dim", "dropout": "hp:lm.dropout", "lr": "hp:train.lr",
-               "Val Loss": "best_val_loss", "Test PPL": "test_ppl",
+               "Best": "@best", "Test PPL": "test_ppl",
                "Step": "@step", "Train Time": "@time", "Params": "params", "Size": "@size"}
 
     def check(self, cfg) -> None:
@@ -236,7 +252,7 @@ class LanguageModel(Task):
         data = inputs["data"][cfg.lm.vocab_size]
         rows = cfg.lm.rows
         if rows is not None and rows < len(data.train):  # a smaller trial takes the first rows (nested subsets)
-            data = LMData(data.train.take(np.arange(rows)), data.val, data.test, data.vocab_size, data.tokenizer_file)
+            data = replace(data, train=data.train.take(np.arange(rows)))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
@@ -246,6 +262,8 @@ class LanguageModel(Task):
         params, size_kb = count_params(model), state_dict_kb(model)
         model.to(device)
         job = LMJob(model, cfg, data, device)
+        # val_loss and val_bpc divide one summed loss by constants of the validation set: within a trial they pick
+        # the same best epoch, so the weights kept do not depend on which one the sweep ranks by.
         return fit(job, epochs=cfg.train.epochs, metric="val_loss", mode="min", params=params, size_kb=size_kb,
                    run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
                    keep_checkpoints=keep_checkpoints, log=log, seed=cfg.train.seed, weights_name="lm.pt",
@@ -262,7 +280,8 @@ class LanguageModel(Task):
             "vocab_size": int(state["best_model"]["embedding.weight"].shape[0]),  # the tokenizer's real size
             "embedding_dim": cfg.lm.embedding_dim, "hidden_dim": cfg.lm.hidden_dim, "num_layers": cfg.lm.num_layers,
             "dropout": cfg.lm.dropout, "max_length": cfg.lm.max_length, "sweep": cfg.name,
-            "trial_id": row["trial_id"], "val_loss": row.get("best_val_loss"), "test_ppl": row.get("test_ppl")})
+            "trial_id": row["trial_id"], "test_ppl": row.get("test_ppl"),
+            **{k: v for k, v in row.items() if k.startswith("best_val_")}})  # the sweep's metric, e.g. best_val_bpc
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:
         return score_texts(folder, texts)
