@@ -159,28 +159,22 @@ def cmd_export(args) -> int:
     from .report import find_sweep
 
     out = export_best(find_sweep(args.target), Path(args.out), force=args.force, log=log, int8=args.int8)
-    log(f"exported the best student to {out}")
+    log(f"exported the best trial to {out}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .config import ConfigError
     from .export import label_texts, load_runtime
-    from .tools import read_input_texts
+    from .tools import task_predict, export_task, read_input_texts
 
     if not args.text and args.file is None:
         raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")
     texts = list(args.text) + (read_input_texts(args.file, args.column) if args.file is not None else [])
-    task_meta = Path(args.model_dir) / "config.json"
-    task = json.loads(task_meta.read_text()).get("task", "classify") if task_meta.is_file() else "classify"
+    task = export_task(Path(args.model_dir))
     if task != "classify":  # an export of another task (lm: loss and perplexity; tagger: tags), in its own format
-        from trainable.tasks import TaskError, load_task
-
         t0 = time.perf_counter()
-        try:
-            rows = load_task(task).predict(Path(args.model_dir), texts)
-        except TaskError as e:
-            raise ConfigError(str(e)) from None
+        rows = task_predict(Path(args.model_dir), task, texts)
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         sys.stdout.flush()
@@ -297,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_runtime(sp)
     sp.set_defaults(func=cmd_predict)
 
-    sp = sub.add_parser("evaluate", help="an exported student's accuracy, per-class metrics and confusion matrix")
+    sp = sub.add_parser("evaluate", help="an exported student's (or transformer teacher's) accuracy, per-class "
+                                        "metrics and confusion matrix")
     sp.add_argument("model_dir")
     sp.add_argument("file", help="labelled reviews: NSMC TSV, or CSV/TSV/Parquet with the named columns")
     sp.add_argument("--column-text", default="document")

@@ -78,26 +78,68 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: i
 
 def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_column: str = "label", *,
              runtime: str = "eager", batch_size: int = 512) -> dict:
-    """The exported student's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns)."""
+    """The exported model's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns): a
+    student of the classify task, or another task's export whose `predict` labels texts (a transformer teacher)."""
     from trainable.config import DataConfig
     from trainable.data import read_table
 
     from .export import label_texts, load_runtime
 
-    forward, tok, meta = load_runtime(model_dir, runtime)
+    task = export_task(model_dir)
+    if task == "classify":
+        forward, tok, meta = load_runtime(model_dir, runtime)
+        num_classes = meta["num_classes"]
+    else:
+        if runtime != "eager":
+            raise ConfigError(f"--runtime {runtime}: a {task} export runs in eager PyTorch only")
+        num_classes = _export_num_classes(model_dir, task)
     cfg = DataConfig(text_column=text_column, label_column=label_column, id_column=None,
-                     num_classes=meta["num_classes"], download=False)
+                     num_classes=num_classes, download=False)
     try:
         table = read_table(path, cfg)
     except DataError as e:
         raise _one_line(e) from None
     t0 = time.perf_counter()
-    preds = label_texts(forward, tok, table.texts, meta["max_length"], batch_size).argmax(1)
+    if task == "classify":
+        preds = label_texts(forward, tok, table.texts, meta["max_length"], batch_size).argmax(1)
+    else:
+        preds = np.array([row["label"] for row in task_predict(model_dir, task, table.texts)], dtype=np.int64)
     seconds = time.perf_counter() - t0
     out = {"model": str(model_dir), "file": str(path), "runtime": runtime,
-           **classification_metrics(table.labels, preds, meta["num_classes"])}
+           **classification_metrics(table.labels, preds, num_classes)}
     out["samples_per_s"] = round(len(table) / max(seconds, 1e-9), 1)
     return out
+
+
+def export_task(model_dir: Path) -> str:
+    """The task an export folder belongs to: its config.json's `task` (a student's has none: classify)."""
+    import json
+
+    meta = Path(model_dir) / "config.json"
+    if not meta.is_file():
+        return "classify"  # load_runtime then says what is missing
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("task", "classify")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{meta}: not valid JSON ({e})") from None
+
+
+def task_predict(model_dir: Path, task: str, texts: list[str]) -> list[dict]:
+    from trainable.tasks import TaskError, load_task
+
+    try:
+        return load_task(task).predict(Path(model_dir), texts)
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _export_num_classes(model_dir: Path, task: str) -> int:
+    """Classes of a non-classify export, from one prediction; an export that gives no class label cannot be scored."""
+    row = task_predict(model_dir, task, ["."])[0]
+    if "label" not in row or "probs" not in row:
+        raise ConfigError(f"{model_dir}: a {task} export does not label texts with classes; sweep evaluate scores "
+                          "classifiers (a student, or a transformer teacher)")
+    return len(row["probs"])
 
 
 def format_evaluation(result: dict) -> str:

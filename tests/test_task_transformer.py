@@ -1,6 +1,6 @@
 """The transformer task (trainable/tasks/transformer.py) on small real NSMC subsets: a sweep through the CLI with
 ASHA, a driver SIGKILL and `sweep resume`, the report, and an export that a classify run takes as its teacher and
-the task's predict labels text with; a resumed trial does not pre-train again and ends exactly where an uninterrupted one does;
+the task's predict labels text with and `sweep evaluate` scores; a resumed trial does not pre-train again and ends exactly where an uninterrupted one does;
 bad transformer configs are refused naming the key.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _config(nsmc_dir, tmp_path, **sections) -> dict:
     return cfg
 
 
-def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_classify_run_loads(nsmc_dir, tmp_path):
+def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_classify_run_loads(nsmc_dir, tmp_path,
+                                                                                                capsys):
     # lr 1e-5 learns nothing in 3 epochs, 3e-3 reaches ~0.7 by epoch 1. The grid's order is fixed by sweep.seed
     # (seed 0: both lr 3e-3 trials first), so an lr 1e-5 trial meets a better result at epoch 1 and ASHA stops it.
     space = {"parameters": {"train.lr": {"type": "categorical", "choices": [0.00001, 0.003]},
@@ -107,6 +108,23 @@ def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_class
     labelled = TASK.predict(out, ["정말 재밌는 영화", "최악의 영화"])
     assert [x["text"] for x in labelled] == ["정말 재밌는 영화", "최악의 영화"]
     assert all(x["label"] in (0, 1) and math.isclose(sum(x["probs"]), 1.0, abs_tol=1e-3) for x in labelled)
+
+    # `sweep evaluate` scores the teacher folder on a labelled file: the trial's own test rows, written as an NSMC
+    # TSV, give the trial's test accuracy.
+    from sweep.cli import main
+    from trainable.config import DataConfig
+    from trainable.data import load_corpus
+
+    test = load_corpus(DataConfig.model_validate(cfg["data"]), log=lambda m: None, download=False).test
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text("id\tdocument\tlabel\n" + "".join(f"{i}\t{t}\t{y}\n" for i, (t, y) in
+                                                     enumerate(zip(test.texts, test.labels))), encoding="utf-8")
+    assert main(["evaluate", str(out), str(tsv), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rows"] == len(test) == 300 and sum(map(sum, result["confusion"])) == 300
+    assert math.isclose(result["accuracy"], best["test_acc"], abs_tol=1e-6), (result["accuracy"], best["test_acc"])
+    assert main(["evaluate", str(out), str(tsv), "--runtime", "onnx"]) == 2
+    assert "a transformer export runs in eager PyTorch only" in capsys.readouterr().err
 
 def test_a_resumed_trial_does_not_pretrain_again_and_ends_where_an_uninterrupted_one_does(nsmc_dir, tmp_path):
     from sweep.config import validate
