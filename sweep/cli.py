@@ -166,7 +166,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from .config import ConfigError
     from .export import label_texts, load_runtime
-    from .tools import task_predict, export_task, read_input_texts
+    from .tools import export_task, read_input_texts, task_predict
 
     if not args.text and args.file is None:
         raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")

@@ -1,7 +1,7 @@
 """The transformer task (trainable/tasks/transformer.py) on small real NSMC subsets: a sweep through the CLI with
 ASHA, a driver SIGKILL and `sweep resume`, the report, and an export that a classify run takes as its teacher and
-the task's predict labels text with and `sweep evaluate` scores; a resumed trial does not pre-train again and ends exactly where an uninterrupted one does;
-bad transformer configs are refused naming the key.
+the task's predict labels text with and `sweep evaluate` scores; a resumed trial does not pre-train again and
+ends exactly where an uninterrupted one does; bad transformer configs are refused naming the key.
 """
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_class
     assert math.isclose(result["accuracy"], best["test_acc"], abs_tol=1e-6), (result["accuracy"], best["test_acc"])
     assert main(["evaluate", str(out), str(tsv), "--runtime", "onnx"]) == 2
     assert "a transformer export runs in eager PyTorch only" in capsys.readouterr().err
+
 
 def test_a_resumed_trial_does_not_pretrain_again_and_ends_where_an_uninterrupted_one_does(nsmc_dir, tmp_path):
     from sweep.config import validate
