@@ -134,12 +134,16 @@ def task_predict(model_dir: Path, task: str, texts: list[str]) -> list[dict]:
 
 
 def _export_num_classes(model_dir: Path, task: str) -> int:
-    """Classes of a non-classify export, from one prediction; an export that gives no class label cannot be scored."""
-    row = task_predict(model_dir, task, ["."])[0]
-    if "label" not in row or "probs" not in row:
-        raise ConfigError(f"{model_dir}: a {task} export does not label texts with classes; sweep evaluate scores "
+    """Classes of a non-classify export, as its export.json records them; an export without classes (a language
+    model, a tagger) cannot be scored."""
+    import json
+
+    path = Path(model_dir) / "export.json"
+    n = json.loads(path.read_text(encoding="utf-8")).get("num_classes") if path.is_file() else None
+    if not n:
+        raise ConfigError(f"{model_dir}: this {task} export does not label texts with classes; sweep evaluate scores "
                           "classifiers (a student, or a transformer teacher)")
-    return len(row["probs"])
+    return int(n)
 
 
 def format_evaluation(result: dict) -> str:

@@ -170,7 +170,7 @@ def _killed_and_resumed(cfg, folder):
     return rows
 
 
-def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(nsmc_dir, tmp_path):
+def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(nsmc_dir, tmp_path, capsys):
     import json
 
     from conftest import run_cli
@@ -200,6 +200,10 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
     scored = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert len(scored) == 2 and all(s["ppl"] > 1.0 for s in scored)
     assert scored[0]["ppl"] < scored[1]["ppl"]  # an ordinary review is likelier than noise
+    from sweep.cli import main  # in-process: `sweep evaluate` refuses an export without classes, in one line
+
+    assert main(["evaluate", str(out), str(nsmc_dir / "ratings_test.txt")]) == 2
+    assert "this lm export does not label texts with classes" in capsys.readouterr().err
 
     # The next stage: the LM initialises a classify student's embedding and forward LSTM (same tokenizer).
     import torch

@@ -367,7 +367,8 @@ class Transformer(Task):
         write_json(out / "export.json", {
             "task": "transformer", "sweep": cfg.name, "trial_id": row["trial_id"],
             "val_acc": row.get("best_val_acc"), "test_acc": row.get("test_acc"), "best_epoch": row.get("best_epoch"),
-            "params": row.get("params"), "max_length": c.max_length, "transformer": c.model_dump(),
+            "params": row.get("params"), "max_length": c.max_length, "num_classes": cfg.data.num_classes,
+            "transformer": c.model_dump(),
             "train": cfg.train.model_dump()})
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:
