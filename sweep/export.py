@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from trainable.config import config_from_trial
 from trainable.io import atomic_dir, write_json
-from trainable.loop import CheckpointError, load_checkpoint
+from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
 from trainable.student import BiLSTMClassifier, PortableBiLSTM
 
 from .config import ConfigError, metric_of
@@ -33,7 +33,7 @@ from .report import _ranked, collect_trials, load_sweep_config
 
 
 def _latest_valid_checkpoint(trial_dir: Path, log: Callable[[str], None]) -> dict:
-    for ckpt in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+    for ckpt in trial_checkpoints(trial_dir):
         try:
             return load_checkpoint(ckpt)
         except CheckpointError as e:

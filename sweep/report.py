@@ -79,9 +79,9 @@ def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
     """Epochs missing from Ray's result.json are taken from the metric history the newest readable checkpoint
     carries. Ray copies result.json to storage in the background; when the driver dies or the storage fails before
     a copy, the resumed trial continues from its newest checkpoint, past the rows that never arrived."""
-    from trainable.loop import CheckpointError, load_checkpoint
+    from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
 
-    for ckpt in sorted(tdir.glob("checkpoint_*"), reverse=True):
+    for ckpt in trial_checkpoints(tdir):
         try:
             history = load_checkpoint(ckpt).get("history", [])
         except (CheckpointError, OSError, RuntimeError):

@@ -107,3 +107,16 @@ def test_checkpoint_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(ckpt)
     assert not marker.exists()
+
+
+def test_the_newest_checkpoint_is_found_by_epoch_not_by_name(tmp_path):
+    """Ray numbers a restored trial's checkpoints from 000000 again: after a resume, checkpoint_000000 can hold
+    epoch 3 beside the pre-crash checkpoint_000001 (epoch 2). Export, the report and restore must take epoch 3
+    (a name sort exported the epoch-2 weights: seen as a flaky teacher-accuracy mismatch in the transformer test)."""
+    from sweep.export import _latest_valid_checkpoint
+    from trainable.loop import save_checkpoint, trial_checkpoints
+
+    save_checkpoint(tmp_path / "checkpoint_000001", {"epoch": 2, "best": 0.66})
+    save_checkpoint(tmp_path / "checkpoint_000000", {"epoch": 3, "best": 0.70})
+    assert [p.name for p in trial_checkpoints(tmp_path)] == ["checkpoint_000000", "checkpoint_000001"]
+    assert _latest_valid_checkpoint(tmp_path, log=lambda m: None)["epoch"] == 3

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ray import tune
 
 from .config import config_from_trial
-from .loop import CheckpointError, NonFiniteLossError, load_checkpoint
+from .loop import CheckpointError, NonFiniteLossError, load_checkpoint, trial_checkpoints
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
 
@@ -35,13 +35,6 @@ def _warn(trial_dir: Path, msg: str) -> None:
         f.write(msg + "\n")
 
 
-def _epoch_of(ckpt: Path) -> int:
-    try:
-        return int(json.loads((ckpt / "meta.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
 def _restore_point(trial_dir: Path) -> Path | None:
     """The newest of the trial's checkpoints on storage that passes its hash check.
 
@@ -49,7 +42,7 @@ def _restore_point(trial_dir: Path) -> Path | None:
     them; the newest by epoch is taken rather than Ray's, because Ray's saved state can lag the checkpoints on
     storage by an epoch (it is copied in the background, and a crash can land in between), and resuming from the
     older one would train an epoch twice."""
-    candidates = sorted(trial_dir.glob("checkpoint_*"), key=_epoch_of, reverse=True)
+    candidates = trial_checkpoints(trial_dir)
     for cand in candidates:
         try:
             load_checkpoint(cand)

@@ -161,6 +161,18 @@ def load_checkpoint(folder: str | Path) -> dict:
     return torch.load(state_path, map_location="cpu", weights_only=True)
 
 
+def trial_checkpoints(trial_dir: str | Path) -> list[Path]:
+    """A Ray trial folder's checkpoint folders, newest epoch first (by meta.json). Not by name: Ray numbers a
+    restored trial's checkpoints from 000000 again, so after a resume `checkpoint_000000` can be the newest."""
+    def epoch(ckpt: Path) -> int:
+        try:
+            return int(json.loads((ckpt / "meta.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    return sorted(Path(trial_dir).glob("checkpoint_*"), key=epoch, reverse=True)
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 
 
