@@ -14,7 +14,6 @@ Failure rules:
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
