@@ -199,7 +199,8 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
         storage_path=str(folder.parent.resolve()),
         storage_filesystem=atomic_local_filesystem(),  # a full disk never leaves Ray's state half-written
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.keep_checkpoints),
+        # Ray deletes no checkpoint: the adapter prunes them to stubs, so one Ray's saved state names always exists.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                    Progress(total, cfg.train.epochs, extra=finalist_count(cfg), metric=metric_of(cfg)),
                    StorageGuard()],

@@ -116,7 +116,8 @@ def test_ctrl_c_saves_state_and_resume_survives_a_corrupt_checkpoint(nsmc_dir, c
     # trial again, with a warning.
     unfinished = next(d for d in folder.glob("trial_*") if 0 < _newest_checkpoint_epoch(d) < epochs)
     unfinished_id = unfinished.name.removeprefix("trial_")
-    for ckpt in unfinished.glob("checkpoint_*"):
+    from trainable.loop import trial_checkpoints
+    for ckpt in trial_checkpoints(unfinished):  # (not the emptied stubs of pruned ones)
         state = ckpt / "state.pt"
         state.write_bytes(state.read_bytes()[:100])
 
@@ -143,16 +144,17 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
     folder = tmp_path / "results" / "worker"
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # The victim: a worker whose trial (Ray runs each trial in its own working folder, trial_<id>) has reported
-    # 1 to 3 of its 5 epochs, so it has a checkpoint to be retried from and epochs left to train.
+    # The victim: a worker whose trial (Ray runs each trial in its own working folder, trial_<id>) has checkpointed
+    # 1 to 3 of its 5 epochs, so it has a checkpoint to be retried from and epochs left to train. (Checkpoints reach
+    # storage as the trial writes them; result rows only with Ray's next state copy, which can come too late.)
     victim: dict = {}
 
     def a_worker_mid_trial() -> bool:
-        epochs = _epochs_by_trial(folder)
         for pid in _tree(proc.pid):
             trial = _cwd_trial(pid) if "ImplicitFunc" in _cmdline(pid) else None
-            if trial and 1 <= len(epochs.get(trial, [])) and epochs[trial][-1] <= 3:
-                victim.update(pid=pid, trial=trial, epochs=epochs[trial])
+            done = _newest_checkpoint_epoch(folder / f"trial_{trial}") if trial else 0
+            if 1 <= done <= 3:
+                victim.update(pid=pid, trial=trial, epochs=list(range(1, done + 1)))
                 return True
         return False
 
@@ -189,6 +191,27 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_intact_older_one(tmp_path
     warnings = (trial_dir / "warnings.txt").read_text()
     assert "skipping a bad checkpoint" in warnings and "checkpoint_000002" in warnings
     assert "starts again" not in warnings
+
+
+def test_pruned_checkpoints_stay_as_stubs_ray_can_still_find(tmp_path):
+    """The adapter, not Ray, prunes checkpoints: all but the newest `keep` are emptied and their folders kept, so a
+    checkpoint that Ray's last state snapshot names still exists after a driver crash (when Ray deleted them itself,
+    the resumed trial failed: "Could not recover from checkpoint as it does not exist on storage anymore"). A stub
+    is no checkpoint to the restore, the export or the report."""
+    import torch
+
+    from trainable.adapter import _prune_checkpoints, _restore_point
+    from trainable.loop import save_checkpoint, trial_checkpoints
+
+    trial_dir = tmp_path / "trial_x"
+    for i in range(4):
+        save_checkpoint(trial_dir / f"checkpoint_{i:06d}", {"epoch": i + 1, "model": {"w": torch.zeros(4)}})
+    _prune_checkpoints(trial_dir, keep=2)
+    assert sorted(p.name for p in trial_dir.iterdir()) == [f"checkpoint_{i:06d}" for i in range(4)]
+    assert [p.name for p in trial_checkpoints(trial_dir)] == ["checkpoint_000003", "checkpoint_000002"]
+    assert not any((trial_dir / "checkpoint_000000").iterdir()) and not any((trial_dir / "checkpoint_000001").iterdir())
+    assert _restore_point(trial_dir) == trial_dir / "checkpoint_000003"
+    assert not (trial_dir / "warnings.txt").exists()  # stubs are not "bad checkpoints"
 
 
 def _cwd_trial(pid: int) -> str | None:

@@ -311,6 +311,9 @@ def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cac
     kill_driver(proc)
     search_before = {d.name: _epochs(folder, d.name.removeprefix("trial_"))
                      for d, role in _roles(folder).items() if role == "search"}
+    for d in folder.glob("trial_*"):  # no checkpoint folder Ray made is gone, so none its saved state names is
+        made = sorted(int(c.name.removeprefix("checkpoint_")) for c in d.glob("checkpoint_*"))
+        assert made == list(range(len(made))), (d.name, made)
 
     r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,6 +5,13 @@ Per-trial dict -> typed config (once, here) -> the task's `train`, whose per-epo
 with the epoch's checkpoint folder. A trial restored by Ray continues from its newest checkpoint in storage,
 and the `epoch` it reports (ASHA's time attribute) continues too, unlike Ray's own `training_iteration`.
 
+Ray is handed every checkpoint (so a restored trial gets its result files back) but deletes none: its saved
+state names the checkpoint a trial resumes from, that state is written every few seconds, and when Ray pruned old
+checkpoints itself (`num_to_keep`) a driver killed between a prune and the next state snapshot resumed the trial
+from a folder that was gone ("Could not recover from checkpoint as it does not exist on storage anymore") and
+failed it. The adapter prunes instead: all but the newest `keep_checkpoints` are emptied, their folders left as
+empty stubs, so a name in Ray's state always exists; the trial itself resumes from its own newest checkpoint.
+
 Failure rules:
 - a checkpoint that fails its hash check is skipped for the trial's previous one (or a fresh start), with a
   warning in the trial folder's `warnings.txt`;
@@ -54,6 +61,15 @@ def _restore_point(trial_dir: Path) -> Path | None:
     return None
 
 
+def _prune_checkpoints(trial_dir: Path, keep: int) -> None:
+    """Empty all but the newest `keep` checkpoint folders, keeping each folder as a stub (see the module's
+    docstring). meta.json goes first: a folder without one is no checkpoint (`trial_checkpoints`), even half-emptied."""
+    for old in trial_checkpoints(trial_dir)[keep:]:
+        (old / "meta.json").unlink(missing_ok=True)
+        for item in old.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
+
+
 def _shared_trial_dir() -> Path:
     """The trial's folder in the sweep's storage (`results_dir`, which every node of a cluster mounts), where Ray
     also persists its checkpoints. Not `get_trial_dir()`: that is a staging folder under the *driver's* Ray temp
@@ -81,6 +97,8 @@ def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: i
 
     def report(m: dict, ckpt: Path | None) -> None:
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+        if ckpt is not None:
+            _prune_checkpoints(trial_dir, keep_checkpoints)
 
     try:
         resume_from = _restore_point(trial_dir)

@@ -163,14 +163,17 @@ def load_checkpoint(folder: str | Path) -> dict:
 
 def trial_checkpoints(trial_dir: str | Path) -> list[Path]:
     """A Ray trial folder's checkpoint folders, newest epoch first (by meta.json). Not by name: Ray numbers a
-    restored trial's checkpoints from 000000 again, so after a resume `checkpoint_000000` can be the newest."""
+    restored trial's checkpoints from 000000 again, so after a resume `checkpoint_000000` can be the newest. A
+    folder without meta.json is a pruned stub (`trainable.adapter`), not a checkpoint; one whose meta.json does not
+    parse comes last (and fails `load_checkpoint`)."""
     def epoch(ckpt: Path) -> int:
         try:
             return int(json.loads((ckpt / "meta.json").read_text())["epoch"])
         except (OSError, ValueError, KeyError, TypeError):
             return -1
 
-    return sorted(Path(trial_dir).glob("checkpoint_*"), key=epoch, reverse=True)
+    found = [c for c in Path(trial_dir).glob("checkpoint_*") if (c / "meta.json").exists()]
+    return sorted(found, key=epoch, reverse=True)
 
 
 # ----------------------------------------------------------------------------- TensorBoard
