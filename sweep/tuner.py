@@ -293,7 +293,7 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
     except KeyboardInterrupt:
         grid = None
     except Exception as e:
-        problem = storage_problem(_chain_text(e))
+        problem = storage_problem(_chain_text(e)) or _probe_storage(folder)
         if problem is None:
             raise
         import ray
@@ -314,6 +314,25 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
     report = build_report(folder, log=log)
     log(f"report: {report}")
     return 0
+
+
+def _probe_storage(folder: Path) -> str | None:
+    """The storage failure that writing a small file into `folder` meets now (a full disk, a read-only mount), in
+    `storage_problem`'s words, if any. For errors whose text does not say it: SQLite, for one, can report a
+    results folder turned read-only under an open study as "unable to open database file" or "disk I/O error"."""
+    import errno
+    import tempfile
+
+    words = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+             errno.EDQUOT: "disk quota exceeded"}
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return words.get(e.errno)
+    return None
 
 
 def _chain_text(e: BaseException) -> str:
