@@ -317,21 +317,20 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
 
 
 def _probe_storage(folder: Path) -> str | None:
-    """The storage failure that writing a small file into `folder` meets now (a full disk, a read-only mount), in
+    """The storage failure (a full disk, a read-only mount) that a small write into `folder` meets now, in
     `storage_problem`'s words, if any. For errors whose text does not say it: SQLite, for one, can report a
     results folder turned read-only under an open study as "unable to open database file" or "disk I/O error"."""
-    import errno
     import tempfile
 
-    words = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
-             errno.EDQUOT: "disk quota exceeded"}
+    from .ray_parts import storage_problem
+
     try:
         with tempfile.TemporaryFile(dir=folder) as f:
             f.write(b"\0" * 65536)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        return words.get(e.errno)
+        return storage_problem(str(e))  # the OS's own words: "[Errno 30] Read-only file system"
     return None
 
 

@@ -67,7 +67,10 @@ def _prune_checkpoints(trial_dir: Path, keep: int) -> None:
     for old in trial_checkpoints(trial_dir)[keep:]:
         (old / "meta.json").unlink(missing_ok=True)
         for item in old.iterdir():
-            shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink(missing_ok=True)
 
 
 def _shared_trial_dir() -> Path:
