@@ -115,8 +115,9 @@ def jobs_of(runs: list[dict]) -> list[list[dict]]:
 
 
 def run_key(run: dict) -> str:
-    return json.dumps({k: v for k, v in sorted(run.items()) if not k.startswith("label.") and k != "role"},
-                      sort_keys=True, default=str)
+    """A run's identity: its dotted config keys (a record's results and labels are not part of it)."""
+    return json.dumps({k: v for k, v in run.items() if "." in k and not k.startswith("label.")}, sort_keys=True,
+                      default=str)
 
 
 # ----------------------------------------------------------------------------- one job, in a worker process
@@ -125,7 +126,7 @@ _PREP = None
 _BASE: dict = {}
 
 
-def _init(base: dict) -> None:
+def _init(base: dict, prep=None) -> None:
     global _PREP, _BASE
     import torch
 
@@ -134,7 +135,7 @@ def _init(base: dict) -> None:
 
     torch.set_num_threads(1)
     _BASE = base
-    _PREP = prepare(ExperimentConfig.model_validate(base), log=lambda m: None)  # cached: reads files
+    _PREP = prep or prepare(ExperimentConfig.model_validate(base), log=lambda m: None)  # cached: reads files
 
 
 def _train(cfg, run_dir: Path, resume_from: Path | None, on_epoch):
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "seed_grid.yaml"))
     ap.add_argument("--out", default=str(ROOT / "results" / "search_table.jsonl"))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes; 0: in this process")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "kd"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change the recipe (dotted key, YAML value), e.g. for a small test table")
@@ -317,34 +318,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher: val {acc['val']:.4f}, test {acc['test']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = not done_lines
-    t0, cpu_done = time.time(), 0.0
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(base,)) as pool:
-        futures = [pool.submit(run_job, j, not args.no_fork) for j in jobs]
-        with out.open("a") as f:
-            for n, fut in enumerate(as_completed(futures), 1):
-                records = fut.result()
-                for rec in records:
-                    if first:
-                        rec = {**rec, "meta": meta}
-                        first = False
-                    f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                cpu_done += sum(r["cpu_s"] - sum(e["cpu_s"] for e in r["curve"][:r["forked_at"]]) for r in records)
-                elapsed = time.time() - t0
-                left = elapsed / n * (len(jobs) - n)
-                r0 = records[0]
-                print(f"[{elapsed:6.0f}s] job {n}/{len(jobs)}: {r0.get('label.dims', '')} alpha "
-                      f"{r0['train.alpha']} T {r0['train.temperature']} seed {r0['train.seed']}: "
-                      + ", ".join(f"step {r['train.step_size']} val {r['best_val_acc']:.4f} test {r['test_acc']:.4f}"
-                                  for r in records)
-                      + f"; ~{left / 60:.0f} min left (naive), load {os.getloadavg()[0]:.1f}", flush=True)
+    t0 = time.time()
+    with out.open("a") as f:
+        for n, records in enumerate(_results(jobs, base, args.workers, not args.no_fork, prep), 1):
+            for rec in records:
+                if first:
+                    rec = {**rec, "meta": meta}
+                    first = False
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            elapsed = time.time() - t0
+            left = elapsed / n * (len(jobs) - n)
+            r0 = records[0]
+            print(f"[{elapsed:6.0f}s] job {n}/{len(jobs)}: {r0.get('label.dims', '')} alpha "
+                  f"{r0['train.alpha']} T {r0['train.temperature']} seed {r0['train.seed']}: "
+                  + ", ".join(f"step {r['train.step_size']} val {r['best_val_acc']:.4f} test {r['test_acc']:.4f}"
+                              for r in records)
+                  + f"; ~{left / 60:.0f} min left, load {os.getloadavg()[0]:.1f}", flush=True)
     lines = read_lines(out)
     if len({run_key(r) for r in lines}) >= len(runs):
         to_parquet(lines, parquet)
         print(f"table complete: {len(lines)} runs -> {parquet}")
     return 0
+
+
+def _results(jobs: list[list[dict]], base: dict, workers: int, fork: bool, prep=None):
+    """Each job's records as it finishes: in worker processes (one torch thread each), or here with 0 workers."""
+    if workers == 0:
+        _init(base, prep)
+        for job in jobs:
+            yield run_job(job, fork)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init, initargs=(base,)) as pool:
+        for fut in as_completed([pool.submit(run_job, j, fork) for j in jobs]):
+            yield fut.result()
 
 
 def _cost(run: dict) -> float:

@@ -53,7 +53,7 @@ class ResourcesSection(Section):
 
 class SweepSection(Section):
     space: Optional[str | dict] = None  # a search-space YAML (path, relative to this config) or one inline
-    searcher: Literal["tpe", "random", "grid", "qmc"] = "tpe"
+    searcher: Literal["tpe", "random", "grid", "qmc", "gp"] = "tpe"
     objectives: Literal["accuracy", "accuracy_and_size"] = "accuracy"  # the second: the metric, and params down
     metric: Optional[str] = None  # one of the task's metrics (classify: val_acc, val_loss); None: the task's first
     seed: int = 0

@@ -15,6 +15,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
+
 
 
 class KDOptunaSearch(OptunaSearch):
@@ -237,14 +239,6 @@ class Progress(Callback):
 def trial_dirname(trial) -> str:
     """Short trial folder names (Ray's default packs every hyperparameter into the name)."""
     return f"trial_{trial.trial_id}"
-
-
-class SweepGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, minus its `study.stop()` once the grid is used up: that call is only allowed inside
-    `study.optimize`, and Ray (asking and telling) already stops after `num_samples` = the grid's size."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------- finalists and their twins

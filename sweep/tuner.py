@@ -110,17 +110,11 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import KDOptunaSearch, SweepGridSampler
+    from .ray_parts import KDOptunaSearch
+    from .samplers import make_sampler
 
-    seed = cfg.sweep.seed
-    if cfg.sweep.searcher == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(4, num_samples(cfg, space) // 3)))
-    elif cfg.sweep.searcher == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    elif cfg.sweep.searcher == "qmc":
-        sampler = optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
-    else:
-        sampler = SweepGridSampler(space.grid(), seed=seed)
+    sampler = make_sampler(cfg.sweep.searcher, cfg.sweep.seed, num_samples=num_samples(cfg, space),
+                           grid=space.grid() if cfg.sweep.searcher == "grid" else None)
     metric, mode = objectives(cfg)
     storage = optuna.storages.RDBStorage(storage_url)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
