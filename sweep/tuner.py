@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, load_config, load_space_for, metric_of, validate
+from .counts import finalist_count, num_samples
 from .runs import StorageError, claim_dir, stamp
 
 Log = Callable[[str], None]
@@ -46,7 +47,7 @@ def init_ray(address: str | None, dashboard: bool, log: Log) -> None:
 
 def check_resources(cfg: Config, log: Log, folder: Path | None = None) -> dict:
     """Per-trial resources that some node can actually give; refused up front, never left pending forever.
-    `gpu: auto` is sized here from the largest trial's memory estimate (sweep/plan.py; written to `folder`)."""
+    `gpu: auto` is sized here from the largest trial's memory estimate (sweep/resources.py; written to `folder`)."""
     import ray
 
     res = cfg.sweep.resources
@@ -55,7 +56,7 @@ def check_resources(cfg: Config, log: Log, folder: Path | None = None) -> dict:
     max_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
     gpu = res.gpu
     if gpu == "auto":
-        from .plan import auto_gpu
+        from .resources import auto_gpu
 
         gpu = auto_gpu(cfg, load_space_for(cfg), log, folder, cluster_has_gpu=max_gpu > 0)
     if gpu > 0 and max_gpu == 0:
@@ -129,13 +130,6 @@ def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
                           max_epochs=max_epochs, max_concurrent=cfg.sweep.max_concurrent)
 
 
-def finalist_count(cfg: Config) -> int:
-    """The most extra trials after the search: per finalist N - 1 reruns and N twins (N = finalist_seeds)."""
-    if cfg.sweep.objectives != "accuracy" or not cfg.task_def.twins:  # no single "best", or no teacher to switch off
-        return 0
-    return cfg.sweep.twins * (2 * cfg.sweep.finalist_seeds - 1)
-
-
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
     metric, mode = metric_of(cfg)
     if cfg.sweep.objectives == "accuracy_and_size":
@@ -155,12 +149,6 @@ def make_scheduler(cfg: Config, folder: Path):
     return ResumableASHA(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.train.epochs,
                          grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor,
                          experiment_dir=str(folder.resolve()))
-
-
-def num_samples(cfg: Config, space) -> int:
-    if cfg.sweep.num_samples is not None:
-        return cfg.sweep.num_samples
-    return space.grid_size() if cfg.sweep.searcher == "grid" else 16
 
 
 # ----------------------------------------------------------------------------- progress

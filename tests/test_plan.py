@@ -82,39 +82,42 @@ SPACE = {"parameters": {  # in sorted order: make_config writes the YAML with so
 
 
 def test_largest_trial_takes_every_bound_and_the_config_value_a_conditional_leaves(make_config):
-    from sweep.plan import largest_trial, space_extremes
+    from sweep.counts import smallest
+    from sweep.resources import size_gpu
 
     cfg, space = _cfg(make_config, student={"embedding_dim": 120, "hidden_dim": 64},
                       sweep={"space": SPACE, "resources": {"gpu": "auto"}})
-    big = largest_trial(cfg, space)
+    big = size_gpu(cfg, space, None).largest
     # embedding_dim is sampled only with dropout 0.3; other trials keep the config's 120, the largest
     assert (big["hidden_dim"], big["embedding_dim"], big["batch_size"], big["vocab_size"]) == (256, 120, 128, 3000)
-    assert big["max_length"] == 48 and big["num_layers"] == 1
-    small, large = space_extremes(cfg, space)
-    assert (small.hidden_dim, small.embedding_dim, small.batch_size, small.vocab_size) == (16, 8, 32, 2000)
-    assert large.hidden_dim == 256
+    assert big["max_length"] == 48 and big["num_layers"] == 1 and big["pool_rows"] == 3600
+    small = [smallest(cfg, space, k) for k in ("student.hidden_dim", "student.embedding_dim", "train.batch_size",
+                                               "tokenizer.vocab_size")]
+    assert small == [16, 8, 32, 2000]
 
 
 def test_gpu_auto_packs_the_largest_trial_into_the_gpu_it_is_given(make_config):
-    from sweep.plan import size_gpu
+    from sweep.plan import Rows
+    from sweep.resources import size_gpu
 
     cfg, space = _cfg(make_config, sweep={"space": SPACE, "resources": {"gpu": "auto"}})
     assert cfg.sweep.resources.gpu == "auto"
-    sizing = size_gpu(cfg, space, 80 * GiB, pool_rows=3600)
+    rows = Rows(labelled=3600, val=400, test=1000, transfer_file=0, augmented=0)
+    sizing = size_gpu(cfg, space, 80 * GiB, rows)
     est = estimate_trial_memory(vocab_size=3000, embedding_dim=96, hidden_dim=256, num_classes=2, batch_size=128,
                                 max_length=48, eval_batch_size=512, pool_rows=3600)
     assert sizing.estimate == est
     assert (sizing.per_gpu, sizing.fraction) == trials_per_gpu(est.total, 80 * GiB) == (16, 0.0625)
-    two = size_gpu(cfg, space, int(est.total / 0.8 * 2.5), pool_rows=3600)  # room for 2.5 trials: 2
+    two = size_gpu(cfg, space, int(est.total / 0.8 * 2.5), rows)  # room for 2.5 trials: 2
     assert (two.per_gpu, two.fraction) == (2, 0.5)
     assert "0.5 GPU per trial" in two.line() and "estimate" in two.line()
     assert json.loads(json.dumps(two.to_json()))["breakdown_bytes"]["cuda_context"] > 0
     with pytest.raises(ConfigError, match="sweep.resources.gpu: auto: one trial needs about"):
-        size_gpu(cfg, space, 256 * MiB, pool_rows=3600)
+        size_gpu(cfg, space, 256 * MiB, rows)
 
 
 def test_gpu_auto_without_a_gpu_runs_on_cpu_and_says_so(make_config, tmp_path):
-    from sweep.plan import GPU_SIZING_FILE, auto_gpu
+    from sweep.resources import GPU_SIZING_FILE, auto_gpu
 
     cfg, space = _cfg(make_config, sweep={"space": SPACE, "resources": {"gpu": "auto"}})
     lines = []
@@ -178,16 +181,17 @@ def test_plan_prints_trials_epochs_and_time_then_uses_its_calibration_cache(make
     assert "ASHA decides at epoch(s) 1, 2" in out
     # 8 trials to epoch 1, 1 + 7/2 = 4.5 on to epoch 2, 1 + 3.5/2 = 2.75 on to epoch 4: 18; the twins 2 x 4
     assert "trial-epochs: 40 worst case (all trials all epochs), 26 expected with ASHA" in out
-    assert "rows per epoch: 3,600 labelled (no transfer rows); evaluated: validation 400, test 1,000" in out
-    assert "calibrated now" in out and "wall time: ~" in out and "plus preparation" in out
-    assert "plan: calibrating E8/H16" in first.stderr
+    assert ("rows per epoch: 3,600 trained on (the largest trial; 3,600 labelled), 1,400 evaluated (validation "
+            "400, test 1,000)") in out
+    assert "timed now" in out and "wall time: ~" in out and "plus preparation" in out
+    assert "plan: timing E8/H16/batch 64" in first.stderr
     assert json.loads((tmp_path / "cache" / "calibration.json").read_text())["entries"]
 
     t0 = time.perf_counter()
     second = run_cli("plan", str(cfg))
     second_s = time.perf_counter() - t0
     assert second.returncode == 0, second.stderr
-    assert "cached calibration" in second.stdout and "calibrating" not in second.stderr
+    assert "(cached, through the real training loop)" in second.stdout and "timing" not in second.stderr
     assert second_s < first_s
 
 

@@ -89,6 +89,28 @@ class Task:
         """Extra lines for the report's summary (e.g. the teacher)."""
         return []
 
+    # The planner (`sweep plan`) and GPU sizing (`sweep.resources.gpu: auto`). A task without them gets trial
+    # counts only: no rows, no time estimate, and `gpu: auto` asks for a number instead.
+    plan_keys: tuple[str, ...] = ()  # dotted keys a trial's cost depends on (sampled from the space)
+
+    def epoch_rows(self, trial: dict, rows) -> tuple[int, int]:
+        """(rows trained on, rows evaluated) in one epoch of `trial`, from the corpus counts `rows`."""
+        raise NotImplementedError
+
+    def work_per_row(self, trial: dict) -> float:
+        """A trial's relative cost per row, to interpolate the timed trials' speeds between (any monotone size)."""
+        return 1.0
+
+    def probe_speed(self, cfg, trial: dict, lengths, budget_s: float) -> dict | None:
+        """One short timed run of `trial` through the task's real training loop: {"train_s", "eval_s"} seconds per
+        training and per evaluated row, "cpu_share" (the CPU time it got over its wall time). None: not supported."""
+        return None
+
+    def gpu_memory(self, cfg, values: Callable[[str], list], rows):
+        """(largest trial's description, estimate) of its peak GPU memory (trainable.memory.MemoryEstimate);
+        `values(key)`: every value a dotted key can take in a trial. None: not supported."""
+        return None
+
 
 def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> tuple[dict[str, list[str]], str]:
     """Unlabeled reviews from `data.transfer_file`, split once with `data.seed`: {"val", "test", "train"} and a key
