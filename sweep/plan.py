@@ -215,7 +215,7 @@ def probe(cfg: Config, trials: list[dict], rows: Rows, budget_s: float, log: Log
             if entry.get("cpu_share") is None:  # several threads: their share is not measurable this way
                 entry["cpu_share"] = load_share(threads)
             cache[key], cached = entry, False
-        points.append((task.work_per_row(trial), entry))
+        points.append((task.work_per_row(trial), {**entry, "label": _label(trial)}))
     if not cached:
         try:
             write_json(path, {"entries": cache})
