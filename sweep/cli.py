@@ -11,6 +11,7 @@
     sweep evaluate DIR FILE              accuracy, per-class precision/recall/F1, confusion matrix
     sweep tensorboard NAME|PATH          TensorBoard on 127.0.0.1
     sweep dashboard NAME|PATH            optuna-dashboard over the sweep's study, on 127.0.0.1
+    sweep k8s CONFIG [--results pvc:C]   a KubeRay RayJob manifest that runs the sweep on Kubernetes
 
 Bad input exits with status 2 and one line on stderr; nothing is created or overwritten.
 """
@@ -224,6 +225,12 @@ def cmd_tensorboard(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_k8s(args) -> int:
+    from .k8s import main as write_k8s
+
+    return write_k8s(args, log)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -312,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8080)
     sp.set_defaults(func=cmd_dashboard)
+
+    from .k8s import add_arguments as k8s_arguments  # the options live with the command (sweep/k8s.py)
+
+    sp = sub.add_parser("k8s", help="write a KubeRay RayJob manifest that runs the sweep on Kubernetes")
+    with_config(sp)
+    k8s_arguments(sp)
+    sp.set_defaults(func=cmd_k8s)
     return p
 
 
