@@ -17,7 +17,7 @@ How the pieces reach the pods, and why:
 - Ray's token: `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` from the Secret `kd-sweep-ray-token` (key `auth_token`)
   on the head and the workers, and `authOptions` naming the same Secret, so that KubeRay gives it to the job
   submitter and uses it for its own calls to the dashboard (KubeRay >= 1.5.1).
-- GPUs: `sweep.resources.gpu: auto` is sized here as `sweep run` sizes it (`sweep.plan.size_gpu`), for a GPU of
+- GPUs: `sweep.resources.gpu: auto` is sized here as `sweep run` sizes it (`sweep.resources.size_gpu`), for a GPU of
   `--gpu-memory` GiB instead of a probe of a running cluster; the fraction goes into the job's command as
   `--set sweep.resources.gpu=F`, and each worker asks Kubernetes for whole GPUs (`nvidia.com/gpu`).
 - Nothing is exposed beyond the cluster: the head's Service is ClusterIP, no Ingress, no NodePort or
@@ -235,7 +235,7 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
 
 
 def _auto_gpu(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int) -> tuple[float, int, str]:
-    from .plan import size_gpu
+    from .resources import size_gpu
 
     if gpus_per_worker == 0:
         return 0.0, 0, "resources: gpu auto: no GPU per worker (--gpus-per-worker 0); running on CPU"

@@ -207,7 +207,7 @@ def test_a_space_file_and_a_task_file_travel_in_the_configmap(tmp_path):
 
 def test_gpu_auto_is_sized_as_sweep_run_sizes_it_and_workers_ask_for_whole_gpus(tmp_path):
     from sweep.config import load_config, load_space_for
-    from sweep.plan import size_gpu
+    from sweep.resources import size_gpu
 
     path = write_config(tmp_path, resources={"cpu": 1, "gpu": "auto"})
     _, job, text = manifest(str(path), "--gpu-memory", "24")
