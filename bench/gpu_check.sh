@@ -25,6 +25,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 if [ -z "$CARRY" ] && [ "$DRY" = 0 ] && [ -d "$ROOT/.carry" ]; then CARRY="$ROOT/.carry"; fi
 
+# Python's tarfile rather than tar -J: the image may have no xz program, its Python always has lzma.
+untar() { "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$1" "$2"; }
 pypath="$ROOT"
 extra=()
 if [ -n "$CARRY" ]; then
@@ -37,14 +39,14 @@ if [ -n "$CARRY" ]; then
   if [ "$(cat "$dest/site-py$pyv.key" 2>/dev/null)" != "$key" ]; then
     t0=$(date +%s.%N)
     rm -rf "$dest/site-py$pyv"; mkdir -p "$dest/site-py$pyv"
-    tar -C "$dest/site-py$pyv" -xJf "$site_tar"
+    untar "$site_tar" "$dest/site-py$pyv"
     echo "$key" > "$dest/site-py$pyv.key"
     echo "carry: unpacked $site_tar in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}') s" >&2
   fi
   pypath="$dest/site-py$pyv:$ROOT"  # the carry first: its typing_extensions is newer than an image's may be
   if [ -f "$CARRY/nsmc.tar.xz" ] && [ "$HAS_DATA" = 0 ]; then
     if [ ! -f "$dest/nsmc/ratings_train.txt" ]; then
-      mkdir -p "$dest/nsmc" && tar -C "$dest/nsmc" -xJf "$CARRY/nsmc.tar.xz"
+      mkdir -p "$dest/nsmc" && untar "$CARRY/nsmc.tar.xz" "$dest/nsmc"
     fi
     extra=(--data "$dest/nsmc")
   fi
