@@ -281,6 +281,8 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
         tags = tuple(dict.fromkeys([metric.replace("_", "/", 1), *getattr(job, "tb_metrics", ())]))
         writer = _open_writer(tb_dir, hparams or {}, tags)
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # a reused Ray actor's previous trial is not this one's peak
     try:
         for epoch in range(start_epoch, epochs + 1):
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # epoch order survives a resume
@@ -306,6 +308,9 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
                       **{f"test_{k}": v for k, v in test_scores.items()},
                       "samples_per_s": samples / epoch_time, "train_time_s": train_time, "params": params,
                       "size_kb": size_kb, **job.extra})
+            if device.type == "cuda":  # the peak that trainable/memory.py estimates (the CUDA context comes on top)
+                m["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                m["gpu_mem_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
             history.append(m)
             log(f"epoch {epoch}/{epochs}: loss {m['train_loss']:.4f} "
                 + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
