@@ -26,7 +26,7 @@ def rerun_stopped(folder: Path) -> list[dict]:
     import torch
 
     from sweep.report import collect_trials, load_sweep_config
-    from trainable.config import config_from_trial
+    from trainable.tasks import config_from_trial
     from trainable.loop import train_student
     from trainable.prepare import prepare, student_inputs
 

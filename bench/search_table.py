@@ -168,7 +168,7 @@ def _train(cfg, run_dir: Path, resume_from: Path | None, on_epoch):
 
 def run_job(job: list[dict], fork: bool = True) -> list[dict]:
     """Train a job's runs (largest step size first; with `fork`, the others continue from its checkpoints)."""
-    from trainable.config import config_from_trial
+    from trainable.tasks import config_from_trial
 
     records = []
     with tempfile.TemporaryDirectory(prefix="kd-table-") as tmp:

@@ -149,7 +149,7 @@ def _std(values: list[float]) -> float:
 
 def rerun(base_cfg: dict, row: dict, prep, seeds: int) -> dict[str, list[float]]:
     """The row's configuration retrained with seeds 1..seeds, no Ray: best val_acc and its test_acc per seed."""
-    from trainable.config import config_from_trial
+    from trainable.tasks import config_from_trial
     from trainable.loop import train_student
     from trainable.prepare import student_inputs
 

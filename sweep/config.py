@@ -78,8 +78,8 @@ class Config(ExperimentConfig):
 
     @model_validator(mode="after")
     def _check_metric(self) -> "Config":
-        task = self.task_def
-        if self.sweep.metric is not None and self.sweep.metric not in task.metrics:
+        task = self.task_def  # set on the task's config class (trainable.tasks.validate_config)
+        if task is not None and self.sweep.metric is not None and self.sweep.metric not in task.metrics:
             raise ValueError(f"sweep.metric: task {self.task} has no metric {self.sweep.metric!r} "
                              f"(it reports: {', '.join(task.metrics)})")
         return self
@@ -144,10 +144,15 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
 
 
 def validate(raw: dict, origin: str) -> Config:
+    """The whole config, with its task's section and checks (trainable.tasks.validate_config), or one line."""
+    from trainable.tasks import validate_config
+
     try:
-        return Config.model_validate(raw)
+        return validate_config(raw, Config)
     except ValidationError as e:
         raise ConfigError(format_validation_error(origin, e)) from None
+    except ValueError as e:  # the task (TaskError) or its checks across sections: the message names the key
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:

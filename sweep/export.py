@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from trainable.config import config_from_trial
+from trainable.tasks import config_from_trial
 from trainable.io import atomic_dir, write_json
 from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
 from trainable.student import BiLSTMClassifier, PortableBiLSTM

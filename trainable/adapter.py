@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from ray import tune
 
-from .config import config_from_trial
+from .tasks import config_from_trial
 from .loop import CheckpointError, NonFiniteLossError, load_checkpoint, trial_checkpoints
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help

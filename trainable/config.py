@@ -6,11 +6,9 @@ before any work starts. Constructing a config has no side effects (no folders ma
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 
@@ -244,10 +242,8 @@ class ExperimentConfig(Section):
 
     `task` names the study (trainable/tasks/): `classify` (distillation into a BiLSTM classifier, the default) or
     another task, whose own options live in a top-level section named after it (e.g. `lm:`). A task reads the
-    shared sections it needs (`data`, `train`, ...) and ignores the others."""
-
-    # extra keys are allowed only for the task's own section; every other unknown key is refused in _task_section.
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
+    shared sections it needs (`data`, `train`, ...) and ignores the others. `trainable.tasks.validate_config`
+    validates a whole config, its task's section and checks included."""
 
     task: str = "classify"
     name: str = Field("kd", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -259,62 +255,9 @@ class ExperimentConfig(Section):
     cache_dir: str = ".cache/kd"  # tokenizers, encoded data, teachers, logits (content-addressed)
     results_dir: str = "results"
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, ref: str) -> str:
-        from .tasks import TaskError, load_task
-
-        try:
-            load_task(ref)
-        except TaskError as e:
-            raise ValueError(str(e).removeprefix("task: ")) from None
-        return ref
-
-    @model_validator(mode="after")
-    def _task_section(self) -> "ExperimentConfig":
-        """The task's own section, validated by the task's model (its defaults when absent); any other extra key
-        is an error naming it."""
-        from pydantic import ValidationError
-
-        task = self.task_def
-        extra = self.__pydantic_extra__
-        for key in extra:
-            if task.section is None or key != task.name:
-                raise ValueError(f"{key}: unknown key" + (f" (task {self.task} has no section {key!r})"
-                                                          if key in _task_names() else ""))
-        if task.section is not None:
-            raw = extra.get(task.name, {})
-            if isinstance(raw, task.section):
-                section = raw
-            elif not isinstance(raw, dict):
-                raise ValueError(f"{task.name}: expected a section (a mapping), got {type(raw).__name__}")
-            else:
-                try:
-                    section = task.section.model_validate(raw)
-                except ValidationError as e:
-                    err = e.errors()[0]
-                    loc = ".".join([task.name, *(str(p) for p in err["loc"])])
-                    if err["type"] == "extra_forbidden":
-                        raise ValueError(f"{loc}: unknown key") from None
-                    got = err.get("input")
-                    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-                    raise ValueError(f"{loc}: {err['msg'].removeprefix('Value error, ')}{got_s}") from None
-            extra[task.name] = section
-        task.check(self)
-        return self
-
-    @property
-    def task_def(self):
-        """The task module's `TASK` (trainable.tasks.Task)."""
-        from .tasks import load_task
-
-        return load_task(self.task)
-
-
-def _task_names() -> tuple[str, ...]:
-    from .tasks import BUILTIN
-
-    return BUILTIN
+    # The task's own section is a field of the task's config class, which the task loader derives from this one
+    # (trainable.tasks.validate_config): this schema knows no task, and validated alone it has no task_def.
+    task_def: ClassVar[Any] = None
 
 
 def yaml_load(text: str):
@@ -344,12 +287,3 @@ def set_dotted(raw: dict, key: str, value) -> None:
             raise ValueError(f"{key}: {p} is not a section")
         node = nxt
     node[parts[-1]] = value
-
-
-def config_from_trial(base: dict, trial: dict[str, Any]) -> ExperimentConfig:
-    """The base config with the trial's dotted keys applied; keys without a dot (bundle labels) are ignored."""
-    raw = copy.deepcopy(base)
-    for key, value in trial.items():
-        if "." in key:
-            set_dotted(raw, key, value)
-    return ExperimentConfig.model_validate(raw)

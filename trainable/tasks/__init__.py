@@ -137,6 +137,63 @@ def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> t
 
 
 _loaded: dict[str, Task] = {}
+_models: dict[tuple, type] = {}
+
+
+def config_model(task: Task, base: type) -> type:
+    """`base` (trainable.config.ExperimentConfig, or sweep.config.Config) with the task's own section as a field
+    named after the task, and the task as `task_def`: the class a config of this task validates with."""
+    key = (base, task.name, id(task))
+    if key not in _models:
+        from pydantic import create_model
+
+        fields = {task.name: (task.section, task.section())} if task.section is not None else {}
+        model = create_model(f"{base.__name__}_{task.name}", __base__=base, **fields)
+        model.task_def = task
+        model.__reduce__ = _reduce  # pickled (e.g. in a Ray trial) as its data, validated again when loaded
+        _models[key] = model
+    return _models[key]
+
+
+def _reduce(cfg):
+    return _rebuild, (type(cfg).__mro__[1], cfg.model_dump())
+
+
+def _rebuild(base: type, raw: dict):
+    return validate_config(raw, base)
+
+
+def validate_config(raw: dict, base: type | None = None):
+    """A whole config validated: the task it names loaded (TaskError), its section validated by the task's model
+    and every other unknown key refused (pydantic's ValidationError), then the task's checks across sections
+    (ValueError). `base`: the schema (default trainable.config.ExperimentConfig)."""
+    from ..config import ExperimentConfig
+
+    base = base or ExperimentConfig
+    ref = raw.get("task", "classify") if isinstance(raw, dict) else "classify"
+    if not isinstance(ref, str):
+        raise TaskError(f"task: expected a task name or a .py file, got {ref!r}")
+    task = load_task(ref)
+    for key in raw:
+        if key in BUILTIN and key != task.name and key not in base.model_fields:
+            raise TaskError(f"{key}: unknown key (task {ref} has no section {key!r})")
+    cfg = config_model(task, base).model_validate(raw)
+    task.check(cfg)
+    return cfg
+
+
+def config_from_trial(base: dict, trial: dict[str, Any]):
+    """The base config with a trial's dotted keys applied, validated with its task; keys without a dot (bundle
+    labels) are ignored."""
+    import copy
+
+    from ..config import set_dotted
+
+    raw = copy.deepcopy(base)
+    for key, value in trial.items():
+        if "." in key:
+            set_dotted(raw, key, value)
+    return validate_config(raw)
 
 
 def load_task(ref: str) -> Task:

@@ -83,7 +83,7 @@ class Classify(Task):
 
         import numpy as np
 
-        from ..config import config_from_trial
+        from . import config_from_trial
         from ..data import NO_LABEL, EncodedData, EncodedSplit
         from ..loop import train_student
 
