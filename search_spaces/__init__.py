@@ -197,7 +197,7 @@ def load_space(source: str | Path | dict, check: Callable[[dict[str, Any]], Opti
     """
     import yaml
 
-    from trainable.config import yaml_load
+    from trainable.config import validation_problem, yaml_load
 
     if isinstance(source, dict):
         raw, origin = source, origin or "sweep.space"
@@ -220,11 +220,9 @@ def load_space(source: str | Path | dict, check: Callable[[dict[str, Any]], Opti
     try:
         spec = SpaceFile.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
+        loc, msg = validation_problem(e, with_input=False)
         name = loc[1] if len(loc) > 1 and loc[0] == "parameters" else ".".join(loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if msg == "unknown key":
             msg = f"unknown key '{loc[-1]}'"
         raise SpaceError(f"{origin}: parameter {name}: {msg}") from None
     seen: set[str] = set(spec.fixed)

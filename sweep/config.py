@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
-from trainable.config import ExperimentConfig, Section, yaml_load
+from trainable.config import ExperimentConfig, Section, validation_problem, yaml_load
 from trainable.config import set_dotted as _set_dotted
 
 
@@ -129,18 +129,8 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def format_validation_error(origin: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    if e["type"] == "extra_forbidden":
-        return f"{origin}: {key}: unknown key"
-    if e["type"] == "missing":
-        return f"{origin}: {key}: required key is missing"
-    msg = e["msg"].removeprefix("Value error, ")
-    if not e["loc"]:  # a whole-config check: its message names the key itself
-        return f"{origin}: {msg}"
-    got = e.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{origin}: {key}: {msg}{got_s}"
+    loc, msg = validation_problem(err)
+    return f"{origin}: {'.'.join(loc)}: {msg}" if loc else f"{origin}: {msg}"  # a whole-config check names its key
 
 
 def validate(raw: dict, origin: str) -> Config:

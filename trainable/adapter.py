@@ -29,8 +29,9 @@ from pathlib import Path
 from pydantic import ValidationError
 from ray import tune
 
-from .tasks import config_from_trial
+from .config import validation_problem
 from .loop import CheckpointError, NonFiniteLossError, load_checkpoint, trial_checkpoints
+from .tasks import config_from_trial
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
 
@@ -94,7 +95,11 @@ def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: i
     try:
         cfg = config_from_trial(base, trial)
     except ValidationError as e:
-        marker.write_text(f"invalid trial config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
+        loc, msg = validation_problem(e)
+        marker.write_text(f"invalid trial config: {'.'.join(loc)}: {msg}")
+        raise
+    except ValueError as e:  # the task's checks across sections
+        marker.write_text(f"invalid trial config: {e}")
         raise
     work = Path(tempfile.mkdtemp(prefix="kd-trial-"))  # checkpoints are written here, then persisted by Ray
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
 NSMC_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/"
 
@@ -167,13 +168,9 @@ class TeacherConfig(Section):
                     merged[k] = {**base.get(k, {}), **v}
             try:
                 out.append(TeacherConfig.model_validate(merged))
-            except Exception as e:  # pydantic's ValidationError: re-raised naming the member
-                errs = getattr(e, "errors", None)
-                if errs is None:
-                    raise
-                err = errs()[0]
-                loc = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"source[{i}]: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+            except ValidationError as e:  # re-raised naming the member
+                loc, msg = validation_problem(e)
+                raise ValueError(f"source[{i}]: {'.'.join(loc)}: {msg}") from None
         return out
 
     @property
@@ -258,6 +255,22 @@ class ExperimentConfig(Section):
     # The task's own section is a field of the task's config class, which the task loader derives from this one
     # (trainable.tasks.validate_config): this schema knows no task, and validated alone it has no task_def.
     task_def: ClassVar[Any] = None
+
+
+def validation_problem(err, with_input: bool = True) -> tuple[list[str], str]:
+    """The first error of a pydantic ValidationError in our one-line wording: (its location, the message). The one
+    formatter of config, search-space and trial errors (callers add the file or key they were reading)."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    if e["type"] == "extra_forbidden":
+        return loc, "unknown key"
+    if e["type"] == "missing":
+        return loc, "required key is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    if with_input and loc and not isinstance(got, dict):
+        msg += f" (got {got!r})"
+    return loc, msg
 
 
 def yaml_load(text: str):
