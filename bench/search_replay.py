@@ -30,7 +30,6 @@ import argparse
 import heapq
 import json
 import math
-import os
 import sys
 import time
 import warnings

@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys

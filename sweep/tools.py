@@ -5,7 +5,6 @@ Bad files raise `DataError` with one line naming the file; the CLI turns it into
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,37 +21,16 @@ def _one_line(e: Exception) -> DataError:
 
 
 def read_input_texts(source: str, column: str = "document") -> list[str]:
-    """Texts to label from a file or '-' (stdin): one per line, or a TSV/CSV/Parquet with `column`.
-
-    A plain file whose first line holds a tab is taken for a table, so a TSV without `column` is an error
-    rather than its raw lines labelled as reviews."""
+    """Texts to label from a file or '-' (stdin): one per line, or a TSV/CSV/Parquet with `column`. A first line
+    holding a tab is taken for a table header (a TSV without `column` is an error, not reviews)."""
     from trainable.data import read_texts
 
-    if source == "-":
-        lines = sys.stdin.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        lines = [ln.rstrip("\r") for ln in lines]
-        if lines and "\t" in lines[0]:
-            header = [h.strip() for h in lines[0].split("\t")]
-            if column not in header:
-                raise DataError(f"<stdin>:1: missing column '{column}' in the tab-separated header; found {header}")
-            col = header.index(column)
-            lines = [ln.split("\t")[col] if ln.count("\t") >= col else "" for ln in lines[1:]]
-        if not lines:
-            raise DataError("<stdin>: no text rows; expected one review per line or a TSV with a header")
-        return lines
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    if path.suffix.lower() not in (".csv", ".parquet"):
-        with open(path, "rb") as f:
-            first = f.readline().decode("utf-8-sig", errors="replace")
-        header = [h.strip() for h in first.rstrip("\r\n").split("\t")]
-        if "\t" in first and column not in header:
-            raise DataError(f"{path}:1: missing column '{column}' in the tab-separated header; found {header}")
+    if source != "-":
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
-        return read_texts(path, column)
+        return read_texts(source, column, tab_means_table=True)
     except DataError as e:
         raise _one_line(e) from None
 

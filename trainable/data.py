@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -82,19 +83,23 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"{path}:{line}: expected UTF-8 text, found undecodable byte 0x{raw[e.start]:02x}") from None
 
 
+def _split_rows(text: str, csv_file: bool) -> list[list[str]]:
+    """CSV rows (the csv module), or tab-separated rows: NSMC has literal quotes inside reviews, so a TSV is split on
+    tabs and quotes are never interpreted. A final newline ends the last row; CR of CRLF line ends is dropped."""
+    if csv_file:
+        return list(csv.reader(io.StringIO(text)))
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [[c.rstrip("\r") for c in line.split("\t")] for line in lines]
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
     """Header, rows and the line number of the first row of a CSV/TSV file (UTF-8, strict)."""
     text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected a header line and at least one row")
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(io.StringIO(text)))
-    else:
-        # NSMC is tab-separated with literal quotes inside reviews: split on tabs, never interpret quotes.
-        rows = [line.split("\t") for line in text.split("\n")]
-        if rows and rows[-1] == [""]:
-            rows.pop()
-        rows = [[c.rstrip("\r") for c in r] for r in rows]
+    rows = _split_rows(text, path.suffix.lower() == ".csv")
     return rows[0], rows[1:], 2
 
 
@@ -260,40 +265,38 @@ def locate_transfer(cfg: DataConfig) -> Path:
                     f"TSV/CSV/Parquet with a '{cfg.text_column}' column")
 
 
-def read_texts(path: Path, text_column: str) -> list[str]:
-    """Unlabeled text: Parquet/CSV/TSV with `text_column`, or a plain file with one review per line (a file whose
-    first line, split on tabs, names `text_column` is read as TSV)."""
-    if path.suffix.lower() == ".parquet":
+def read_texts(path: Path | str, text_column: str, tab_means_table: bool = False) -> list[str]:
+    """Unlabeled text, from a file or "-" (stdin): Parquet/CSV/TSV with `text_column`, or one review per line. A
+    plain file whose first line, split on tabs, names `text_column` is read as TSV; with `tab_means_table`, any
+    first line holding a tab is taken for a table header, so a TSV without the column is an error rather than its
+    raw lines taken for reviews. The one reader of corpus-like text files (corpus splits: `read_table`)."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    suffix = "" if str(path) == "-" else Path(path).suffix.lower()
+    if suffix == ".parquet":
         try:
             tbl = pq.read_table(path, columns=[text_column])
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             raise DataError(f"{path}: expected a Parquet file with a '{text_column}' column ({e})") from None
         texts = ["" if t is None else str(t) for t in tbl.column(text_column).to_pylist()]
     else:
-        text = _read_utf8(path)
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        lines = [ln.rstrip("\r") for ln in lines]
-        header = lines[0].split("\t") if lines else []
-        if path.suffix.lower() == ".csv":
-            rows = list(csv.reader(io.StringIO(text)))
-            if not rows or text_column not in [h.strip() for h in rows[0]]:
-                raise DataError(f"{path}:1: missing column '{text_column}' in the CSV header")
-            col = [h.strip() for h in rows[0]].index(text_column)
-            texts = [r[col] if len(r) > col else "" for r in rows[1:]]
-        elif text_column in [h.strip() for h in header]:
-            col = [h.strip() for h in header].index(text_column)
+        text = sys.stdin.read() if str(path) == "-" else _read_utf8(Path(path))
+        rows = _split_rows(text, suffix == ".csv")
+        header = [h.strip() for h in rows[0]] if rows else []
+        if suffix == ".csv" or text_column in header or (tab_means_table and len(header) > 1):
+            if text_column not in header:
+                kind = "CSV" if suffix == ".csv" else "tab-separated"
+                raise DataError(f"{name}:1: missing column '{text_column}' in the {kind} header; found {header}")
+            col = header.index(text_column)
             texts = []
-            for i, ln in enumerate(lines[1:], 2):
-                fields = ln.split("\t")
-                if len(fields) <= col:
-                    raise DataError(f"{path}:{i}: expected {len(header)} tab-separated fields, found {len(fields)}")
-                texts.append(fields[col])
+            for i, r in enumerate(rows[1:], 2):
+                if len(r) <= col and suffix != ".csv":
+                    raise DataError(f"{name}:{i}: expected {len(header)} tab-separated fields, found {len(r)}")
+                texts.append(r[col] if len(r) > col else "")
         else:
-            texts = lines  # one review per line
+            texts = ["\t".join(r) for r in rows]  # one review per line
     if not texts:
-        raise DataError(f"{path}: no text rows; expected unlabeled reviews")
+        raise DataError(f"{name}: no text rows; expected unlabeled reviews, one per line or a table with a "
+                        f"'{text_column}' column")
     return texts
 
 
