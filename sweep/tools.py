@@ -40,18 +40,17 @@ def read_input_texts(source: str, column: str = "document") -> list[str]:
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
     """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix (rows: true class,
-    columns: predicted). A class never predicted has precision 0 (and never present, recall 0)."""
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, preds), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    classes = [{"class": c, "precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                "support": int(actual[c])} for c in range(num_classes)]
-    return {"rows": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)), "classes": classes,
-            "macro_f1": float(f1.mean()), "confusion": confusion.tolist()}
+    columns: predicted), by scikit-learn. A class never predicted has precision 0 (and never present, recall 0)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(num_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes,
+                                                                     zero_division=0)
+    per_class = [{"class": c, "precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                  "support": int(support[c])} for c in classes]
+    return {"rows": int(len(labels)), "accuracy": float(accuracy_score(labels, preds)) if len(labels) else 0.0,
+            "classes": per_class, "macro_f1": float(np.mean(f1)),
+            "confusion": confusion_matrix(labels, preds, labels=classes).tolist()}
 
 
 def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_column: str = "label", *,

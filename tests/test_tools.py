@@ -313,3 +313,16 @@ def test_tensorboard_lists_the_trial_runs(tools_sweep):
     with _serving(["tensorboard", str(tools_sweep["folder"])]) as get:
         runs = get("/data/runs", lambda js: len({r.split("/")[0] for r in js} & trial_dirs) == 2)
     assert {r.split("/")[0] for r in runs} >= trial_dirs
+
+
+def test_classification_metrics_by_hand():
+    """Six reviews, four classes (class 3 never seen nor predicted): precision, recall, F1, support and the
+    confusion matrix counted by hand."""
+    from sweep.tools import classification_metrics
+
+    m = classification_metrics(np.array([0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 2, 2, 0]), 4)
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["rows"] == 6
+    assert [(c["precision"], c["recall"], c["support"]) for c in m["classes"]] == pytest.approx(
+        [(0.5, 1.0, 1), (1.0, 0.5, 2), (2 / 3, 2 / 3, 3), (0.0, 0.0, 0)])
+    assert m["macro_f1"] == pytest.approx((2 / 3 * 3) / 4)
+    assert m["confusion"] == [[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
