@@ -15,6 +15,22 @@ NSMC = (ROOT.parent / "shared" / "data" / "nsmc").resolve()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(why_not): the test needs root, a tool or a package; `why_not` is None "
+                            "when it can run, else the reason it cannot. Skipped on a developer's machine; a failure "
+                            "under CI=true, where everything it needs is installed (.ci/run), so it cannot quietly "
+                            "drop out of the run")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        why_not = mark.args[0] if mark.args else None
+        if why_not is not None:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"CI must run this test but cannot: {why_not}", pytrace=False)
+            pytest.skip(str(why_not))
+
+
 @pytest.fixture(scope="session")
 def nsmc_dir() -> Path:
     if not (NSMC / "ratings_train.txt").is_file():

@@ -13,7 +13,6 @@ import random
 
 import pytest
 
-ray_tune = pytest.importorskip("ray.tune")
 
 
 def _events(seed: int, n_trials: int, max_t: int, grace: int, rf: float, tmp_path):

@@ -498,7 +498,7 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk or read-only mount is simulated with mount(8): needs root")
+@pytest.mark.needs(None if os.geteuid() == 0 else "a full disk or read-only mount is simulated with mount(8): needs root")
 def test_storage_probe_names_a_full_or_read_only_results_folder(tmp_path):
     """When a sweep fails with an error whose text names no storage failure (SQLite under a results folder turned
     read-only can say "disk I/O error"), the driver probes the folder: full and read-only are named, a healthy one
@@ -525,7 +525,7 @@ def test_storage_probe_names_a_full_or_read_only_results_folder(tmp_path):
         subprocess.run(["umount", str(store)], check=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk or read-only mount is simulated with mount(8): needs root")
+@pytest.mark.needs(None if os.geteuid() == 0 else "a full disk or read-only mount is simulated with mount(8): needs root")
 @pytest.mark.parametrize("fault", ["disk full", "read-only"])
 def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsmc_dir, cache_dir, tmp_path, fault):
     """The results folder fills up (a 64 MB tmpfs, filled to the last byte) or turns read-only (a read-only bind

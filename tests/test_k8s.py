@@ -301,14 +301,24 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, expect
     assert not out.exists() and r.stdout == ""
 
 
-def test_without_image_or_package_the_pods_would_have_no_code(tmp_path):
-    origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=ROOT, capture_output=True, text=True)
-    if origin.returncode == 0:
-        pytest.skip("this checkout has an origin remote: the pods would install the project from it")
+def test_without_image_or_package_the_pods_install_this_checkouts_origin_or_it_is_refused(tmp_path):
+    """Without --image or --package the pods install this checkout's https origin at HEAD; a checkout without
+    one (no remote, or a local path or SSH-only remote as in a CI clone) is refused in one line."""
+    import re
+
+    def git(*argv):
+        r = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    url = git("remote", "get-url", "origin")
     out = tmp_path / "job.yaml"
     r = k8s(str(write_config(tmp_path)), "--out", str(out), package=None)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "give --image IMAGE" in r.stderr
-    assert "--package" in r.stderr and not out.exists()
+    if url.startswith("https://") or re.match(r"^[\w.-]+@([\w.-]+):(.+)$", url):
+        assert r.returncode == 0, r.stderr
+        assert f"@{git('rev-parse', 'HEAD')}" in out.read_text()
+    else:
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "give --image IMAGE" in r.stderr
+        assert "--package" in r.stderr and not out.exists()
 
 
 def test_out_refuses_to_overwrite_unless_forced(tmp_path):

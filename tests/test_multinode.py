@@ -20,7 +20,7 @@ from conftest import ROOT, small_config
 from netns_cluster import NetnsCluster, can_make_namespaces, killpg
 
 _why_not = can_make_namespaces()
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=str(_why_not))
+pytestmark = pytest.mark.needs(_why_not)
 
 EPOCHS = 5
 SPACE = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [64, 80, 96, 112]}}}

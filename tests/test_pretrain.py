@@ -9,7 +9,7 @@ import torch
 
 from trainable.config import PretrainConfig, TeacherConfig
 from trainable import teacher
-from trainable.data import Corpus, Table, train_wordpiece
+from trainable.data import Corpus, Table
 from trainable.pretrain import _read_encoder, pretrain_encoder
 
 MAX_LENGTH = 48
@@ -34,22 +34,9 @@ def texts(nsmc_dir) -> list[str]:
     return [r[1] if len(r) > 1 else "" for r in rows]
 
 
-@pytest.fixture(scope="module")
-def wordpiece(texts):
-    """One WordPiece tokenizer for the module. Trained twice on the same text, the tokenizers library can number
-    tied pieces differently (and a different vocabulary rightly misses the pre-training cache)."""
-    return train_wordpiece(texts, 2000)
-
-
-@pytest.fixture(autouse=True)
-def same_tokenizer(monkeypatch, wordpiece):
-    from tokenizers import Tokenizer
-
-    monkeypatch.setattr(teacher, "train_wordpiece", lambda texts, vocab_size: Tokenizer.from_str(wordpiece.to_str()))
-
-
 def _build(texts: list[str], arch: str):
-    """A fresh tiny classifier and its tokenizer, made by the teacher's own builder (with the module's vocabulary)."""
+    """A fresh tiny classifier and its tokenizer, made by the teacher's own builder (train_wordpiece is deterministic:
+    the same texts give the same vocabulary in every build, so the pre-training cache can hit)."""
     table = Table(np.arange(len(texts)), texts, np.zeros(len(texts), dtype=np.int64))
     corpus = Corpus(train=table, val=table, test=table, key="test", files=("", ""))
     cfg = TeacherConfig(preset="tiny", arch=arch, vocab_size=2000, max_length=MAX_LENGTH)
