@@ -68,10 +68,11 @@ def cmd_train(args) -> int:
     from trainable.loop import train_student
     from trainable.prepare import prepare, student_inputs
 
-    from .config import load_config
+    from .config import check_writable, load_config
     from .runs import claim_dir, stamp
 
     cfg, _ = load_config(args.config, args.set)
+    check_writable(cfg)
     run_dir = Path(args.out) if args.out else Path(cfg.results_dir) / "runs" / cfg.name
     resume_from = None
     if args.resume and (run_dir / "config.yaml").is_file():
@@ -120,7 +121,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .config import check_writable, load_config
     from .tuner import run_sweep
+
+    if not args.resume or args.force:
+        check_writable(load_config(args.config, args.set)[0])
 
     return run_sweep(args.config, args.set, force=args.force, resume=args.resume, address=args.address, log=log)
 
@@ -234,6 +239,13 @@ def cmd_k8s(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _check_batch_size(args) -> None:
+    from .config import ConfigError
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number of reviews per batch, got {args.batch_size}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweep", description="Hyperparameter sweeps for knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="eager (student.pt), torchscript (student.ts), int8 (student.int8.ts), "
                         "onnx (student.onnx)")
         sp.add_argument("--batch-size", type=int, default=512, help="reviews per batch, sorted by length (512)")
+        sp.set_defaults(check=_check_batch_size)
 
     sp = sub.add_parser("predict", help="label new text with an exported student")
     sp.add_argument("model_dir")
@@ -340,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if getattr(args, "check", None) is not None:
+            args.check(args)
         return args.func(args)
     except (ConfigError, SpaceError, DataError, TeacherError) as e:
         print(f"error: {e}", file=sys.stderr)

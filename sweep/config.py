@@ -4,6 +4,7 @@ validated completely before any work starts. Errors are one line naming the file
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,6 +17,21 @@ from trainable.config import set_dotted as _set_dotted
 
 class ConfigError(ValueError):
     """A bad config: one line naming the file and the key."""
+
+
+def check_writable(cfg) -> None:
+    """`results_dir` and `cache_dir` can be written (or made) by this user: checked before any work, so that a
+    sweep does not train a teacher and then fail to save it. Creates nothing."""
+    for key in ("results_dir", "cache_dir"):
+        path = Path(getattr(cfg, key)).expanduser().absolute()
+        probe = path
+        while not probe.exists():  # the nearest existing folder is where it would be made
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"{key}: {path} is not a folder ({probe} is a file)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            where = "" if probe == path else f" (it would be made in {probe})"
+            raise ConfigError(f"{key}: {path} is not writable by this user{where}")
 
 
 class SchedulerSection(Section):

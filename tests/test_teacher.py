@@ -152,3 +152,19 @@ def test_remote_code_is_not_run_unless_asked(prepared, tmp_path):
     except Exception:
         pass
     assert marker.read_text() == "x"
+
+
+def test_a_classifier_folder_with_another_number_of_labels_is_refused(prepared, tmp_path):
+    """A folder saved as a 3-label classifier, for 2-label data: one line naming the folder and both counts (the
+    head's shape mismatch was a traceback before)."""
+    cfg, prep = prepared
+    local = tmp_path / "three-labels"
+    shutil.copytree(prep.teacher.members[0].path, local)
+    config = json.loads((local / "config.json").read_text())
+    assert any(a.endswith("ForSequenceClassification") for a in config["architectures"])
+    config["id2label"] = {str(i): f"L{i}" for i in range(3)}
+    config["label2id"] = {f"L{i}": i for i in range(3)}
+    (local / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TeacherError, match=r"is a classifier with 3 labels; the data has 2") as e:
+        load_pretrained(local, 2)
+    assert "\n" not in str(e.value)

@@ -113,6 +113,21 @@ def build_scratch(cfg: TeacherConfig, corpus: Corpus, num_classes: int, max_posi
     return model, hf_tok
 
 
+def _check_head(src: str, num_classes: int | None, trust_remote_code: bool) -> None:
+    """A folder saved as a classifier with another number of labels is refused (from_pretrained would fail on the
+    head's shape with a traceback, or, told to ignore it, silently throw the trained head away). A base model
+    (no sequence-classification head) gets a new head of the data's size."""
+    from transformers import AutoConfig
+
+    if num_classes is None:
+        return
+    config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if is_classifier and config.num_labels != num_classes:
+        raise TeacherError(f"teacher.source: {src} is a classifier with {config.num_labels} labels; the data has "
+                           f"{num_classes} (give a base model, or one trained on these labels)")
+
+
 def load_pretrained(source: str | Path, num_classes: int | None, trust_remote_code: bool = False):
     """Model and tokenizer from a hub id or a local folder. A path that exists but is not a model is refused."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -126,8 +141,11 @@ def load_pretrained(source: str | Path, num_classes: int | None, trust_remote_co
     if num_classes is not None:
         kwargs["num_labels"] = num_classes
     try:
+        _check_head(src, num_classes, trust_remote_code)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(src, **kwargs)
+    except TeacherError:
+        raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
