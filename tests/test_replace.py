@@ -110,33 +110,42 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_a_partial_file_never_gets_its_name(tmp_path):
-    fs = _atomic_fs()
-    target = tmp_path / "experiment_state.json"
-    target.write_text("old")
-
+def _raise_inside_with(fs, target):
     with pytest.raises(RuntimeError):  # the caller raises inside its `with` block
         with fs.open_output_stream(str(target)) as f:
             f.write(b"half")
             raise RuntimeError("serialising the rest failed")
-    assert target.read_text() == "old"
 
+
+def _drop_unclosed(fs, target):
     f = fs.open_output_stream(str(target))  # dropped without close(), as pyarrow's C++ copy does on a read error
     f.write(b"half")
     del f
-    assert target.read_text() == "old"
 
-    # A read error half-way through a copy: /proc/self/mem opens, and reading offset 0 fails (EIO).
-    with pytest.raises(OSError):
+
+def _copy_with_a_read_error(fs, target):
+    with pytest.raises(OSError):  # /proc/self/mem opens, and reading its offset 0 fails (EIO)
         fs.copy_file("/proc/self/mem", str(target))
+
+
+@pytest.mark.parametrize("how", [_raise_inside_with, _drop_unclosed, _copy_with_a_read_error],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_partial_file_never_gets_its_name(tmp_path, how):
+    target = tmp_path / "experiment_state.json"
+    target.write_text("old")
+    how(_atomic_fs(), target)
     assert target.read_text() == "old"
     assert _leftovers(tmp_path) == []
 
-    # Positive control: a write that completes inside an `except` block (some other exception being handled) lands.
+
+def test_a_write_that_completes_while_another_exception_is_handled_lands(tmp_path):
+    """Positive control for the rule above: only an exception raised since the file was opened discards it."""
+    target = tmp_path / "experiment_state.json"
+    target.write_text("old")
     try:
         raise KeyError("handled elsewhere")
     except KeyError:
-        with fs.open_output_stream(str(target)) as f:
+        with _atomic_fs().open_output_stream(str(target)) as f:
             f.write(b"new")
     assert target.read_text() == "new" and _leftovers(tmp_path) == []
 
@@ -247,6 +256,16 @@ def test_run_force_that_starts_replaces_the_old_sweep(tmp_path, nsmc_dir, cache_
     assert not (old / "trial_old").exists() and (old / "optuna.db").is_file() and (old / "report.md").is_file()
     assert [p.name for p in old.parent.iterdir()] == ["s"]  # the old copy deleted, not left aside
 
+    # `export --out` over that real sweep, whose best trial it could export: never into the sweep, the results
+    # folder or a folder above them, even with --force; a new folder is fine.
+    (tmp_path / "file.bin").write_text("a file")
+    before = _tree(tmp_path)
+    for out in (tmp_path / "file.bin", old, old.parent, tmp_path):
+        assert main(["export", str(old), "--out", str(out), "--force"]) == 2, out
+        assert _tree(tmp_path) == before
+    assert main(["export", str(old), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "student.pt").is_file()
+
 
 def test_a_set_aside_sweep_left_by_a_killed_run_is_named_not_lost(tmp_path):
     """A `--force` run SIGKILLed before it started leaves the old sweep under its set-aside name: the next claim of
@@ -299,16 +318,19 @@ def test_train_force_that_fails_puts_the_old_run_back(tmp_path, nsmc_dir, cache_
     assert _tree(out) == {"notes.txt": b"mine"} and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_train_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path, nsmc_dir, cache_dir, capsys):
+@pytest.mark.parametrize("files", [{"data.csv": b"a,b\n"},
+                                   {"config.yaml": b"name: mine\n", "data.csv": b"a,b\n"}])  # config.yaml alone: no run
+def test_train_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path, nsmc_dir, cache_dir, capsys, files):
+    """Refused before anything runs, even when the run would then have failed (and so cleaned up after itself)."""
     cfg = _train_config(tmp_path, nsmc_dir, cache_dir)
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "config.yaml").write_text("not ours\n")  # a config.yaml alone does not make it a run
-    (out / "data.csv").write_text("a,b\n")
-    rc = main(["train", str(cfg), "--out", str(out), "--resume"])
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    rc = main(["train", str(cfg), "--out", str(out), "--resume", "--set", "data.train_file=missing.txt"])
     assert rc == 2
     _one_error_line(capsys, "not a run folder of `sweep train`")
-    assert _tree(out) == {"config.yaml": b"not ours\n", "data.csv": b"a,b\n"}
+    assert _tree(out) == files
 
 
 def test_train_into_an_empty_folder_it_did_not_make_keeps_it_on_error(tmp_path, nsmc_dir, cache_dir, capsys):
