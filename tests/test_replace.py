@@ -260,7 +260,7 @@ def test_run_force_that_starts_replaces_the_old_sweep(tmp_path, nsmc_dir, cache_
     # folder or a folder above them, even with --force; a new folder is fine.
     (tmp_path / "file.bin").write_text("a file")
     before = _tree(tmp_path)
-    for out in (tmp_path / "file.bin", old, old.parent, tmp_path):
+    for out in (old.parent, old, tmp_path, tmp_path / "file.bin"):
         assert main(["export", str(old), "--out", str(out), "--force"]) == 2, out
         assert _tree(tmp_path) == before
     assert main(["export", str(old), "--out", str(tmp_path / "export")]) == 0
@@ -313,9 +313,9 @@ def test_train_force_that_fails_puts_the_old_run_back(tmp_path, nsmc_dir, cache_
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     rc = main(["train", str(cfg), "--out", str(out), "--force", "--set", "data.train_file=missing.txt"])
+    assert _tree(out) == {"notes.txt": b"mine"} and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert rc == 2
     _one_error_line(capsys, "missing.txt: file not found")
-    assert _tree(out) == {"notes.txt": b"mine"} and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.parametrize("files", [{"data.csv": b"a,b\n"},
@@ -328,9 +328,9 @@ def test_train_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path, nsmc_
     for name, data in files.items():
         (out / name).write_bytes(data)
     rc = main(["train", str(cfg), "--out", str(out), "--resume", "--set", "data.train_file=missing.txt"])
+    assert _tree(out) == files
     assert rc == 2
     _one_error_line(capsys, "not a run folder of `sweep train`")
-    assert _tree(out) == files
 
 
 def test_train_into_an_empty_folder_it_did_not_make_keeps_it_on_error(tmp_path, nsmc_dir, cache_dir, capsys):
