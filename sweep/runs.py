@@ -95,7 +95,8 @@ class Claim:
             return
         self._done = True
         if self.aside is not None:
-            if os.path.lexists(self.path) and exchange(self.aside, self.path):  # the old folder back in one step; the new one at the aside name
+            # The old folder back in one step; the new one, now under the aside name, then deleted.
+            if os.path.lexists(self.path) and exchange(self.aside, self.path):
                 shutil.rmtree(self.aside, ignore_errors=True)
                 return
             shutil.rmtree(self.path, ignore_errors=True)

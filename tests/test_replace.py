@@ -85,7 +85,8 @@ def test_atomic_dir_without_renameat2_puts_back_what_a_killed_call_set_aside(tmp
     """, str(target))
     child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    assert not target.exists() and sorted(p.suffix for p in tmp_path.iterdir()) == [".old", ".tmp"]  # what the kill left
+    # What the kill left: the old folder set aside, the new one under its temporary name, nothing at `target`.
+    assert not target.exists() and sorted(p.suffix for p in tmp_path.iterdir()) == [".old", ".tmp"]
 
     monkeypatch.setattr(tio, "_RENAMEAT2", None)
     with pytest.raises(RuntimeError):
