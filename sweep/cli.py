@@ -68,27 +68,36 @@ def cmd_train(args) -> int:
     from trainable.loop import train_student
     from trainable.prepare import prepare, student_inputs
 
-    from .config import check_writable, load_config
-    from .runs import claim_dir, stamp
+    from .config import ConfigError, check_writable, load_config
+    from .runs import Claim, stamp
 
     cfg, _ = load_config(args.config, args.set)
     check_writable(cfg)
     run_dir = Path(args.out) if args.out else Path(cfg.results_dir) / "runs" / cfg.name
     resume_from = None
-    if args.resume and (run_dir / "config.yaml").is_file():
+    if args.resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        from trainable.loop import newest_valid_checkpoint
+
+        ckpts = sorted(c for c in (run_dir / "checkpoints").glob("epoch_*") if (c / "meta.json").is_file())
+        if not ckpts or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: not a run folder of `sweep train` (expected config.yaml and "
+                              f"checkpoints/epoch_*/meta.json); refusing to resume into it")
+        resume_from = newest_valid_checkpoint(ckpts[::-1], log)
+        if resume_from is None:
+            raise ConfigError(f"{run_dir}: none of its {len(ckpts)} checkpoints is readable; pass --force to "
+                              f"start the run over")
         # A resumed run keeps its own resolved config; --set may still change e.g. train.epochs.
         cfg, _ = load_config(run_dir / "config.yaml", args.set)
-        ckpts = sorted((run_dir / "checkpoints").glob("epoch_*"))
-        resume_from = ckpts[-1] if ckpts else None
-    claim_dir(run_dir, force=args.force, resume=args.resume)
+    # --force sets the old folder aside until this run's first checkpoint exists; a failure before that puts it back.
+    claim = Claim(run_dir, force=args.force, resume=resume_from is not None, log=log)
     prep = None
-    try:
+    with claim:
         if cfg.task != "classify":
             task = cfg.task_def
             inputs = task.trial_inputs(task.prepare(cfg, log))
             stamp(run_dir, cfg)
-            result = task.train(cfg, inputs, run_dir=run_dir, tb_dir=None, resume_from=resume_from, on_epoch=None,
-                                keep_checkpoints=2, log=log)
+            result = task.train(cfg, inputs, run_dir=run_dir, tb_dir=None, resume_from=resume_from,
+                                on_epoch=lambda m, ckpt: claim.commit(), keep_checkpoints=2, log=log)
         else:
             prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
             stamp(run_dir, cfg)
@@ -96,13 +105,9 @@ def cmd_train(args) -> int:
             if data.transfer is not None:
                 log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
             result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
-                                   run_dir=run_dir, resume_from=resume_from, log=log)
-    except BaseException:
-        if resume_from is None and not (run_dir / "checkpoints").exists():
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no partial folder
-        raise
+                                   run_dir=run_dir, resume_from=resume_from, log=log,
+                                   on_epoch=lambda m, ckpt: claim.commit())
+        claim.commit()
     out = asdict(result)
     out.pop("history")
     if prep is not None and prep.teacher is not None:

@@ -102,9 +102,33 @@ def _int8_val_change(data_cfg, tok_path: Path, max_length: int, fp32, int8,
             "val_acc_change": acc["int8"] - acc["fp32"]}
 
 
+def _is_sweep_folder(path: Path) -> bool:
+    return ((path / "config.yaml").is_file() and (path / "optuna.db").exists()) or (path / "tuner.pkl").exists()
+
+
+def _refuse_out(folder: Path, out: Path, results_dir: Path) -> None:
+    """`--out` is replaced whole (with --force): refuse one that is a file, a sweep folder or a part of one, a results
+    folder (the sweep's own, or one holding sweeps), or a folder above any of them."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; give a folder to write the export into")
+    target, sweep = out.resolve(), folder.resolve()
+    kept = ((sweep, "the sweep folder"), (results_dir.resolve(), "the results folder"),
+            (sweep.parent, "the results folder"))
+    for how, hit in (("is", lambda path: target == path), ("holds", lambda path: target in path.parents)):
+        for path, what in kept:
+            if hit(path):
+                raise ConfigError(f"--out {out}: {how} {what} {path}; exporting there would replace it (give a "
+                                  f"new folder)")
+    if sweep in target.parents and out.exists():
+        raise ConfigError(f"--out {out}: is a part of the sweep folder {sweep}; give a folder outside it")
+    if out.is_dir() and (_is_sweep_folder(out) or any(_is_sweep_folder(c) for c in out.iterdir() if c.is_dir())):
+        raise ConfigError(f"--out {out}: is a sweep folder or holds sweeps; give a new folder")
+
+
 def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
                 int8: bool = False) -> Path:
     cfg = load_sweep_config(folder)
+    _refuse_out(folder, out, Path(cfg.results_dir))
     ranked = _ranked(collect_trials(folder, cfg), *metric_of(cfg))
     if not ranked:
         raise ConfigError(f"{folder}: no successful trial to export")

@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from trainable.io import write_json, write_text
+from trainable.io import dead_siblings, exchange, owned_sibling, write_json, write_text
 
 from .config import Config, ConfigError
 
@@ -41,16 +42,84 @@ def code_version() -> dict:
     return out
 
 
-def claim_dir(path: Path, force: bool = False, resume: bool = False, what: str = "run") -> None:
-    """Make `path` for a new run. An existing one is an error unless `force` (deleted) or `resume` (kept)."""
-    if path.exists() and any(path.iterdir()):
-        if resume:
+class Claim:
+    """`path` made ready for a new run, without losing the one there before until the new one has started.
+
+    An existing non-empty folder is an error unless `force` or `resume`. With `resume` it is kept as it is. With
+    `force` it is renamed aside (`.NAME.<pid>-<host>-<random>.prev`) and an empty folder takes its name; `commit()`
+    (the new run passed its checks and started) deletes the old one, `rollback()` (anything failed before that, or
+    Ctrl-C) swaps it back and removes what the new run wrote. Rollback never deletes a folder the claim did not
+    make: a folder that was there empty is emptied again, a resumed one is left alone. Used as a context manager:
+    rollback on any exception, including KeyboardInterrupt; `commit()` is the caller's to call."""
+
+    def __init__(self, path: Path, force: bool = False, resume: bool = False, what: str = "run",
+                 log: Callable[[str], None] | None = None):
+        self.path, self.what = Path(path), what
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.aside: Path | None = None
+        self.made = self.emptied = False
+        self._done = False
+        for aside in dead_siblings(self.path.parent, "trash", name=self.path.name):
+            shutil.rmtree(aside, ignore_errors=True)  # a commit killed while deleting the old folder
+        for aside in dead_siblings(self.path.parent, "prev", name=self.path.name):
+            raise ConfigError(f"{aside}: the previous {what} {self.path.name}, set aside by a --force run that was "
+                              f"killed before it started; move it back to {self.path} (or delete it), then run again")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path}: exists and is not a folder")
+        if self.path.exists() and any(self.path.iterdir()):
+            if resume:
+                self._done = True  # nothing to undo or delete: the folder is the run's own
+                return
+            if not force:
+                raise ConfigError(f"{self.path}: a {what} with this name exists; pass --resume to continue it or "
+                                  f"--force to replace it (or change `name`)")
+            self.aside = owned_sibling(self.path, "prev")
+            os.rename(self.path, self.aside)
+        self.emptied = self.path.is_dir()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.made = not self.emptied
+
+    def commit(self) -> None:
+        """The new run stands: delete the one it replaces (renamed first, so a kill mid-delete leaves no doubt)."""
+        if self._done:
             return
-        if not force:
-            raise ConfigError(f"{path}: a {what} with this name exists; pass --resume to continue it or --force to "
-                              f"replace it (or change `name`)")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+        self._done = True
+        if self.aside is not None:
+            trash = owned_sibling(self.path, "trash")
+            os.rename(self.aside, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """Put the old folder back and remove what the new run wrote; a no-op after `commit()`."""
+        if self._done:
+            return
+        self._done = True
+        if self.aside is not None:
+            # The old folder back in one step; the new one, now under the aside name, then deleted.
+            if os.path.lexists(self.path) and exchange(self.aside, self.path):
+                shutil.rmtree(self.aside, ignore_errors=True)
+                return
+            shutil.rmtree(self.path, ignore_errors=True)
+            try:
+                os.rename(self.aside, self.path)
+            except OSError as e:
+                self._log(f"warning: could not move the previous {self.what} back from {self.aside} to {self.path} "
+                          f"({e}); it is intact there")
+        elif self.made:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.emptied:  # the folder was there, empty: what is in it now is the new run's
+            for child in self.path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.rollback()
 
 
 def stamp(path: Path, cfg: Config) -> None:

@@ -7,14 +7,13 @@ Local by default: Ray starts in-process on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, load_config, load_space_for, metric_of, validate
 from .counts import finalist_count, num_samples
-from .runs import StorageError, claim_dir, stamp
+from .runs import Claim, StorageError, stamp
 
 Log = Callable[[str], None]
 STUDY_FILE = "optuna.db"
@@ -213,8 +212,9 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     if resume and (folder / "tuner.pkl").exists():
         return resume_sweep(str(folder), address=address, log=log)
     total = num_samples(cfg, space)
-    claim_dir(folder, force=force, what="sweep")
-    try:
+    # With --force the old sweep is set aside, not deleted, until this one has passed every check and its Tuner is
+    # built; any failure or Ctrl-C before that puts it back and leaves nothing of the new one.
+    with Claim(folder, force=force, what="sweep", log=log) as claim:
         from .plan import log_plan_summary
 
         log_plan_summary(cfg, space, log)  # trials, trial-epochs and the expected wall time, before anything runs
@@ -223,29 +223,28 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         resources = check_resources(cfg, log, folder)
         check_shared_storage(folder, log)
         prep = _prepare_for_sweep(cfg, space, log)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # nothing ran: leave nothing behind
-        raise
-    stamp(folder, cfg)
-    cfg.task_def.save_artifacts(folder, prep)
-    from ray import tune
+        stamp(folder, cfg)
+        cfg.task_def.save_artifacts(folder, prep)
+        from ray import tune
 
-    from .ray_parts import trial_dirname
+        from .ray_parts import trial_dirname
 
-    extra = finalist_count(cfg)
-    log(f"sweep {cfg.name}: {total} search trials, searcher {cfg.sweep.searcher}, "
-        f"scheduler {cfg.sweep.scheduler.kind}, {cfg.sweep.max_concurrent} at a time, "
-        f"{resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
-        + (f"; then up to {extra} finalist trials (the {cfg.sweep.twins} best: {cfg.sweep.finalist_seeds - 1} "
-           f"rerun(s) and {cfg.sweep.finalist_seeds} no-teacher twin(s) each)" if extra else ""))
-    tuner = tune.Tuner(
-        _trainable(cfg, prep, resources),
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
-            scheduler=make_scheduler(cfg, folder), num_samples=total + extra, reuse_actors=cfg.sweep.reuse_actors,
-            trial_dirname_creator=trial_dirname),
-        run_config=_run_config(cfg, folder, total, log),
-    )
+        extra = finalist_count(cfg)
+        log(f"sweep {cfg.name}: {total} search trials, searcher {cfg.sweep.searcher}, "
+            f"scheduler {cfg.sweep.scheduler.kind}, {cfg.sweep.max_concurrent} at a time, "
+            f"{resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
+            + (f"; then up to {extra} finalist trials (the {cfg.sweep.twins} best: {cfg.sweep.finalist_seeds - 1} "
+               f"rerun(s) and {cfg.sweep.finalist_seeds} no-teacher twin(s) each)" if extra else ""))
+        tuner = tune.Tuner(
+            _trainable(cfg, prep, resources),
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}",
+                                         cfg.train.epochs),
+                scheduler=make_scheduler(cfg, folder), num_samples=total + extra,
+                reuse_actors=cfg.sweep.reuse_actors, trial_dirname_creator=trial_dirname),
+            run_config=_run_config(cfg, folder, total, log),
+        )
+        claim.commit()  # the sweep starts now: the one it replaces goes
     return _fit_and_report(tuner, folder, cfg, total, log)
 
 

@@ -1,16 +1,23 @@
 """Small file helpers shared by the data, teacher and loop modules: hashing and atomic writes.
 
 Every file this project writes goes through a temporary name in the same folder and `os.replace`, so a crash
-mid-write never leaves a file that later loads as valid.
+mid-write never leaves a file that later loads as valid. A temporary name says which process made it
+(`.NAME.<pid>-<host>-<random>.tmp`): one left by a writer that was killed (SIGKILL: no `finally` ran) is removed
+by the next write into that folder, once that process is gone.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,14 +47,113 @@ def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- names that say who made them
+
+
+def _host_id() -> str:
+    """This machine (hostname and kernel boot), so that a process id is only ever checked where it means something:
+    on a cluster the nodes share the results folder, and node B must not take node A's live writer for dead."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{boot}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_id()
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}\.(?P<kind>[a-z]+)$")
+
+
+def owned_sibling(path: str | Path, kind: str) -> Path:
+    """`.NAME.<pid>-<host>-<random>.<kind>` beside `path`: a temporary or set-aside name that records which process
+    made it, so one left by a process that died can be recognised (`dead_siblings`)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}-{_HOST}-{secrets.token_hex(4)}.{kind}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def dead_siblings(folder: str | Path, kind: str, name: str | None = None) -> list[Path]:
+    """The `owned_sibling` names of `kind` in `folder` (for `name` only, if given) whose process, on this machine,
+    has exited. Names made elsewhere, or not by `owned_sibling`, are never listed."""
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for entry in entries:
+        m = _OWNED.match(entry.name)
+        if (m and m["kind"] == kind and m["host"] == _HOST and (name is None or m["name"] == name)
+                and not _alive(int(m["pid"]))):
+            out.append(Path(entry.path))
+    return sorted(out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_dead_temps(folder: str | Path) -> None:
+    """Remove the temporary files and folders in `folder` that a killed writer left behind."""
+    for tmp in dead_siblings(folder, "tmp"):
+        _remove(tmp)
+
+
+# ----------------------------------------------------------------------------- swapping two names at once
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()  # None where the C library has no renameat2 (not Linux, old glibc, musl < 1.2.?)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the names `a` and `b` (files or folders) in one step: at no moment is either name missing. False, with
+    nothing changed, where the system cannot (no renameat2, or a filesystem without RENAME_EXCHANGE)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    remove_dead_temps(path.parent)
+    tmp = owned_sibling(path, "tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -57,20 +163,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _restore_set_aside(path: Path) -> None:
+    """Undo what a killed `atomic_dir` (where renameat2 is missing) left between its two renames: the old folder is
+    set aside and the new one is not in yet, so the set-aside copy goes back. If `path` is there, the new folder got
+    in and the set-aside copy is left-over garbage."""
+    for aside in dead_siblings(path.parent, "old", name=path.name):
+        if not os.path.lexists(path):
+            os.rename(aside, path)
+        else:
+            _remove(aside)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed. At no moment
+    is `path` missing: the two names are swapped in one step (renameat2 RENAME_EXCHANGE) and the old contents,
+    then under the temporary name, deleted after. Without renameat2 the old folder is set aside, the new one renamed
+    in, and only then the old one deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_dead_temps(path.parent)
+    _restore_set_aside(path)
+    tmp = owned_sibling(path, "tmp")
+    tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if not os.path.lexists(path):
+            os.rename(tmp, path)
+        elif not exchange(tmp, path):  # after a swap, `tmp` holds the old contents: removed below
+            aside = owned_sibling(path, "old")
+            os.rename(path, aside)
+            try:
+                os.rename(tmp, path)  # killed between the two: the next atomic_dir(path) puts `aside` back
+            except BaseException:
+                os.rename(aside, path)
+                raise
+            _remove(aside)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            _remove(tmp)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -87,13 +218,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 class _ReplaceOnClose:
-    """A binary file written under a temporary name and renamed onto its path when closed without error."""
+    """A binary file written under a temporary name and renamed onto its path when closed without error. A partial
+    file never gets the final name: closed while an exception raised since it was opened is propagating (a `with`
+    block or `finally` the caller left by raising), aborted (`abort`), or dropped unclosed (pyarrow's C++ copy drops
+    the stream when a read fails), it is discarded."""
 
     def __init__(self, path: str):
         self._path = path
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=os.path.dirname(path) or ".")
-        self._f = os.fdopen(fd, "wb")
+        folder = os.path.dirname(path) or "."
+        remove_dead_temps(folder)
+        self._tmp = str(owned_sibling(path, "tmp"))
+        self._f = open(self._tmp, "xb")
+        self._raising_at_open = sys.exc_info()[1]  # opened inside an `except`: that exception is not ours
         self._failed = False
         self.closed = False
 
@@ -101,8 +237,7 @@ class _ReplaceOnClose:
         try:
             return self._f.write(data)
         except BaseException:
-            self._failed = True
-            self.close()  # the caller may never close a stream whose write failed: leave no temporary behind
+            self.abort()  # the caller may never close a stream whose write failed: leave no temporary behind
             raise
 
     def flush(self) -> None:
@@ -114,17 +249,30 @@ class _ReplaceOnClose:
     def writable(self) -> bool:
         return True
 
+    def abort(self) -> None:
+        """Close and discard: the final name keeps what it had."""
+        self._failed = True
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        raising = sys.exc_info()[1]
+        failed = self._failed or (raising is not None and raising is not self._raising_at_open)
+        self._raising_at_open = None
         try:
             self._f.close()  # flushes: a full disk can fail here too
-            if not self._failed:
+            if not failed:
                 os.replace(self._tmp, self._path)
         finally:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            with contextlib.suppress(Exception):
+                self.abort()
 
 
 class AtomicLocalFS(pafs.FileSystemHandler):
@@ -184,8 +332,10 @@ class AtomicLocalFS(pafs.FileSystemHandler):
             out = _ReplaceOnClose(dest)
             try:
                 shutil.copyfileobj(fin, out)
-            finally:
-                out.close()
+            except BaseException:
+                out.abort()  # a read that failed half-way: `dest` keeps what it had
+                raise
+            out.close()
 
     def open_input_stream(self, path):
         return self._fs.open_input_stream(path)

@@ -145,20 +145,39 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
     return folder
 
 
-def load_checkpoint(folder: str | Path) -> dict:
-    """Load a checkpoint folder, refusing one whose state file is missing, truncated or altered."""
+def check_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint's state file, if its meta.json parses and the file matches the hash recorded there; else
+    CheckpointError (missing, truncated or altered)."""
     folder = Path(folder)
     meta_path, state_path = folder / "meta.json", folder / "state.pt"
     if not meta_path.is_file() or not state_path.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint (expected meta.json and state.pt)")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
-    if sha256_file(state_path) != meta.get("sha256"):
+    if not isinstance(meta, dict) or sha256_file(state_path) != meta.get("sha256"):
         raise CheckpointError(f"{state_path}: content does not match the hash in meta.json (truncated or corrupt)")
+    return state_path
+
+
+def load_checkpoint(folder: str | Path) -> dict:
+    """Load a checkpoint folder, refusing one whose state file is missing, truncated or altered."""
+    state_path = check_checkpoint(folder)
     # weights_only: a checkpoint is data, never code.
     return torch.load(state_path, map_location="cpu", weights_only=True)
+
+
+def newest_valid_checkpoint(folders: list[Path], log: Callable[[str], None]) -> Path | None:
+    """The first of `folders` (give them newest first) that passes `check_checkpoint`, with a warning line for
+    each one skipped; None when none does."""
+    for folder in folders:
+        try:
+            check_checkpoint(folder)
+            return folder
+        except CheckpointError as e:
+            log(f"warning: skipping {e}")
+    return None
 
 
 def trial_checkpoints(trial_dir: str | Path) -> list[Path]:

@@ -270,11 +270,12 @@ class LanguageModel(Task):
                    hparams=_hparams(c, cfg.train))
 
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log, state: dict, **options) -> None:
-        from ..io import write_json
+        from ..io import atomic_path, write_json
 
-        torch.save(state["best_model"], out / "lm.pt")
-        shutil.copyfile(Path(trial_dir).parent / "tokenizers" / f"vocab{cfg.lm.vocab_size}.json",
-                        out / "tokenizer.json")
+        with atomic_path(out / "lm.pt") as tmp:
+            torch.save(state["best_model"], tmp)
+        with atomic_path(out / "tokenizer.json") as tmp:
+            shutil.copyfile(Path(trial_dir).parent / "tokenizers" / f"vocab{cfg.lm.vocab_size}.json", tmp)
         write_json(out / "config.json", {
             "task": "lm", "architecture": "LSTMLanguageModel",
             "vocab_size": int(state["best_model"]["embedding.weight"].shape[0]),  # the tokenizer's real size

@@ -268,12 +268,13 @@ class Tagger(Task):
                    seed=cfg.train.seed, weights_name="tagger.pt", hparams=_hparams(c, cfg.train))
 
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log, state: dict, **options) -> None:
-        from ..io import write_json
+        from ..io import atomic_path, write_json
 
         weights = state["best_model"]
         meta = json.loads((Path(trial_dir).parent / "tagger_vocab.json").read_text())
         vocab_size = int(weights["embedding.weight"].shape[0])
-        torch.save(weights, out / "tagger.pt")
+        with atomic_path(out / "tagger.pt") as tmp:
+            torch.save(weights, tmp)
         write_json(out / "vocab.json", meta["vocab"][:vocab_size])
         write_json(out / "tags.json", meta["tags"])
         write_json(out / "config.json", {
