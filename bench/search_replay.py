@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead", type=float, default=0.4, help="seconds per trial start (Ray, actor reuse)")
     ap.add_argument("--cap", type=float, default=1.0, help="stop a repetition at this fraction of the grid budget")
     ap.add_argument("--gp-cap", type=float, default=0.5, help="the cap for GP (its asks cost ~1 s at 150 trials)")
+    ap.add_argument("--gp-reps", type=int, default=10,
+                    help="repetitions for GP (about 100 s each at its cap on this machine; 30 for the rest)")
     ap.add_argument("--min-seeds", type=int, default=3)
     ap.add_argument("--finalists", nargs="*", default=[], metavar="METHOD+fKxN",
                     help="fixed-budget runs that choose the best among K finalists by their mean over N seeds")
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             cap = args.gp_cap if method.sampler == "gp" else args.cap
             reps = []
             t0 = time.time()
-            for rep in range(args.reps):
+            for rep in range(min(args.reps, args.gp_reps) if method.sampler == "gp" else args.reps):
                 r = done.get((name, rep))
                 if r is None:
                     r = {"method": name, "rep": rep, "configs": len(table.runs), "workers": args.workers,
@@ -542,7 +544,7 @@ def write_report(table: Table, results: dict[str, list[dict]], grid_time: float,
              f"by mean validation ({_fmt_key(tg['grid_best'])}) {100 * tg['grid_best_test']:.2f} - one seed std "
              f"{100 * tg['grid_best_std']:.2f} = {100 * tg['target']:.2f}% test. Table best "
              f"{100 * tg['oracle_test']:.2f}%; strict target: the best 5% of configurations "
-             f"(>= {100 * tg['strict']:.2f}%). {args.reps} repetitions per method; budgets are fractions of the "
+             f"(>= {100 * tg['strict']:.2f}%). {args.reps} repetitions per method ({min(args.reps, args.gp_reps)} for GP); budgets are fractions of the "
              f"grid's trial-epochs (and of its wall time); median / IQM [95% CI of the IQM].",
              "",
              "| method | trials | cost to target | cost to target (wall) | on target at 10% / 25% / 50% "
