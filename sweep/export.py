@@ -103,8 +103,8 @@ def _int8_val_change(data_cfg, tok_path: Path, max_length: int, fp32, int8,
 
 
 def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
-                int8: bool = False) -> Path:
-    cfg = load_sweep_config(folder)
+                int8: bool = False, allow_task_code: bool = False) -> Path:
+    cfg = load_sweep_config(folder, allow_task_code)  # a task module the folder names runs only when allowed
     ranked = _ranked(collect_trials(folder, cfg), *metric_of(cfg))
     if not ranked:
         raise ConfigError(f"{folder}: no successful trial to export")

@@ -30,10 +30,20 @@ def find_sweep(target: str, results_dir: str = "results") -> Path:
     raise ConfigError(f"{target}: no sweep folder found (looked for {p}/config.yaml and {results_dir}/{target}/config.yaml)")
 
 
-def load_sweep_config(folder: Path) -> Config:
+def load_sweep_config(folder: Path, allow_task_code: bool = False) -> Config:
+    """The sweep's stamped config. A task other than a built-in one is a module of code that the folder names:
+    it is loaded only with `allow_task_code` (the user's `--allow-task-code`), so opening a folder we did not
+    write runs nothing of its choosing."""
     from trainable.config import yaml_load
+    from trainable.tasks import is_builtin
 
-    return validate(yaml_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    path = folder / "config.yaml"
+    raw = yaml_load(path.read_text(encoding="utf-8"))
+    task = raw.get("task", "classify") if isinstance(raw, dict) else "classify"
+    if not allow_task_code and not is_builtin(task):
+        raise ConfigError(f"{path}: task: {task} is a task module (code), not a built-in task; it runs only with "
+                          f"--allow-task-code")
+    return validate(raw, str(path))
 
 
 def _ray_statuses(folder: Path) -> dict[str, str]:
@@ -360,9 +370,10 @@ def _cell(cfg: Config, r: dict, spec: str) -> str:
     return _fmt(r.get(spec))
 
 
-def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
-    """Write trials.parquet, report.md and the plots; return the report's path."""
-    cfg = load_sweep_config(folder)
+def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_code: bool = False) -> Path:
+    """Write trials.parquet, report.md and the plots; return the report's path. `allow_task_code`: see
+    `load_sweep_config`."""
+    cfg = load_sweep_config(folder, allow_task_code)
     task = cfg.task_def
     metric, mode = metric_of(cfg)
     best_key, test_key = f"best_{metric}", task.test_key

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, load_config, load_space_for, metric_of, validate
+from .config import Config, ConfigError, load_config, load_space_for, metric_of
 from .counts import finalist_count, num_samples
 from .runs import StorageError, claim_dir, stamp
 
@@ -211,7 +211,9 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         raise ConfigError(f"{config_path}: sweep.space: required key is missing (a search-space file or mapping)")
     folder = Path(cfg.results_dir) / cfg.name
     if resume and (folder / "tuner.pkl").exists():
-        return resume_sweep(str(folder), address=address, log=log)
+        # The config the user runs names the task: a task module the stamped config names is theirs if it is the same.
+        return resume_sweep(str(folder), address=address, log=log,
+                            allow_task_code=_stamped_task(folder) == cfg.task)
     total = num_samples(cfg, space)
     claim_dir(folder, force=force, what="sweep")
     try:
@@ -288,12 +290,12 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if grid is None or unfinished or len(trials) < total:
         # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.
-        build_report(folder, log=log)
+        build_report(folder, log=log, allow_task_code=True)  # this sweep's own task, already loaded
         log(f"interrupted after {time.time() - t0:.1f} s: {len(trials) - len(unfinished)} of {total} trials done, "
             f"state saved; continue with: sweep resume {folder}")
         return 130
     log(f"sweep finished in {time.time() - t0:.1f} s")
-    report = build_report(folder, log=log)
+    report = build_report(folder, log=log, allow_task_code=True)
     log(f"report: {report}")
     return 0
 
@@ -325,19 +327,32 @@ def _chain_text(e: BaseException) -> str:
     return "\n".join(parts)
 
 
-def resume_sweep(target: str, address: str | None = None, log: Log = print) -> int:
+def _stamped_task(folder: Path):
+    """The `task` of a sweep folder's config.yaml, as written (None when unreadable)."""
+    from trainable.config import yaml_load
+
+    try:
+        raw = yaml_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get("task", "classify") if isinstance(raw, dict) else None
+
+
+def resume_sweep(target: str, address: str | None = None, log: Log = print, allow_task_code: bool = False) -> int:
+    """Continue the sweep in folder `target`. `allow_task_code`: run the task module its config.yaml names
+    (sweep.report.load_sweep_config); `tuner.pkl` and Ray's saved state are pickles, unpickled here."""
     from ray import tune
 
     from trainable.io import atomic_local_filesystem
 
-    from .report import find_sweep
+    from .report import find_sweep, load_sweep_config
 
     folder = find_sweep(target)
     if not (folder / "tuner.pkl").exists():
         raise ConfigError(f"{folder}: not a resumable sweep (no tuner.pkl); start it with `sweep run`")
-    from trainable.config import yaml_load
-
-    cfg = validate(yaml_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    cfg = load_sweep_config(folder, allow_task_code)
+    if not (folder / STUDY_FILE).is_file():
+        raise ConfigError(f"{folder}: not a resumable sweep ({STUDY_FILE}, its Optuna study, is missing)")
     space = load_space_for(cfg)
     _quiet_ray_env()
     init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
