@@ -148,9 +148,11 @@ def cmd_resume(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report, find_sweep
+    from .runs import in_launch_dir
 
     folder = find_sweep(args.target)
-    report = build_report(folder, log=log, allow_task_code=args.allow_task_code)
+    with in_launch_dir(folder, log):  # the stamped config's relative paths mean what they meant at launch
+        report = build_report(folder, log=log, allow_task_code=args.allow_task_code)
     print(report.read_text())
     return 0
 
@@ -158,9 +160,12 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_best
     from .report import find_sweep
+    from .runs import in_launch_dir
 
-    out = export_best(find_sweep(args.target), Path(args.out), force=args.force, log=log, int8=args.int8,
-                      allow_task_code=args.allow_task_code)
+    folder, out = find_sweep(args.target), Path(args.out).absolute()
+    with in_launch_dir(folder, log):  # the stamped config's relative paths (e.g. the corpus) mean what they meant
+        out = export_best(folder, out, force=args.force, log=log, int8=args.int8,
+                          allow_task_code=args.allow_task_code)
     log(f"exported the best trial to {out}")
     return 0
 

@@ -26,7 +26,7 @@ def find_sweep(target: str, results_dir: str = "results") -> Path:
     p = Path(target)
     for cand in (p, Path(results_dir) / target):
         if (cand / "config.yaml").is_file():
-            return cand
+            return cand.resolve()  # absolute: resume/report/export then run in the sweep's launch directory
     raise ConfigError(f"{target}: no sweep folder found (looked for {p}/config.yaml and {results_dir}/{target}/config.yaml)")
 
 
@@ -106,14 +106,14 @@ def _best_of(values: list, mode: str):
     return (max(finite) if mode == "max" else min(finite)) if finite else None
 
 
-def collect_trials(folder: Path, cfg: Config) -> list[dict]:
+def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     """One dict per trial: hyperparameters, the task's metric (final, best, curve: `final_<metric>`,
     `best_<metric>`, `<metric>_curve`) and test score, epochs, status, error. For classify: final_val_acc,
-    best_val_acc, val_acc_curve, test_acc."""
+    best_val_acc, val_acc_curve, test_acc. `log`: where to name the trial folders left out."""
     metric, mode = metric_of(cfg)
     test_key = cfg.task_def.test_key
     statuses = _ray_statuses(folder)
-    rows = []
+    rows, left_out = [], []
     for params_file in sorted(folder.glob("*/params.json")):
         tdir = params_file.parent
         params = json.loads(params_file.read_text())
@@ -130,6 +130,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         if statuses and trial_id not in statuses:
             # Started after Ray's last state snapshot by a driver that then died: the resumed sweep ran it again
             # under a new id (its Optuna trial is FAIL, a finalist's rerun or twin was issued again). Not a trial.
+            left_out.append(tdir.name)
             continue
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
@@ -167,6 +168,10 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
             "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
             f"{metric}_curve": curve,
         })
+    if left_out and log is not None:
+        log(f"warning: {folder}: left out {len(left_out)} trial folder(s) that Ray's last saved state does not "
+            f"know (started by a driver that died before saving it; a resumed sweep runs them again under new "
+            f"ids): {', '.join(left_out)}")
     return rows
 
 
@@ -377,7 +382,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     task = cfg.task_def
     metric, mode = metric_of(cfg)
     best_key, test_key = f"best_{metric}", task.test_key
-    rows = collect_trials(folder, cfg)
+    rows = collect_trials(folder, cfg, log)
     write_trials_parquet(folder, rows)
     plots = _plots(folder, rows, metric, mode, log)
     ranked = _ranked(rows, metric, mode)

@@ -107,17 +107,18 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 # ----------------------------------------------------------------------------- searcher and scheduler
 
 
-def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
-    import optuna
+def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
+    """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
+    or copied folder resumes from its own, see ray_parts.SweepStudy)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import KDOptunaSearch
+    from .ray_parts import KDOptunaSearch, SweepStudy
     from .samplers import make_sampler
 
     sampler = make_sampler(cfg.sweep.searcher, cfg.sweep.seed, num_samples=num_samples(cfg, space),
                            grid=space.grid() if cfg.sweep.searcher == "grid" else None)
     metric, mode = objectives(cfg)
-    storage = optuna.storages.RDBStorage(storage_url)
+    storage = SweepStudy(study_file)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
                               study_name=cfg.name, storage=storage, max_epochs=max_epochs)
     limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
@@ -243,7 +244,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     tuner = tune.Tuner(
         _trainable(cfg, prep, resources),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}", cfg.train.epochs),
+            search_alg=make_searcher(cfg, space, folder / STUDY_FILE, cfg.train.epochs),
             scheduler=make_scheduler(cfg, folder), num_samples=total + extra, reuse_actors=cfg.sweep.reuse_actors,
             trial_dirname_creator=trial_dirname),
         run_config=_run_config(cfg, folder, total, log),
@@ -339,13 +340,14 @@ def _stamped_task(folder: Path):
 
 
 def resume_sweep(target: str, address: str | None = None, log: Log = print, allow_task_code: bool = False) -> int:
-    """Continue the sweep in folder `target`. `allow_task_code`: run the task module its config.yaml names
-    (sweep.report.load_sweep_config); `tuner.pkl` and Ray's saved state are pickles, unpickled here."""
-    from ray import tune
-
-    from trainable.io import atomic_local_filesystem
-
+    """Continue the sweep in folder `target`, wherever it lies now and from whatever directory: the stamped
+    config's relative paths are read from the directory the sweep was launched in (runs.in_launch_dir), and the
+    study and ASHA's replay are those of this folder (ray_parts.resuming). `allow_task_code`: run the task module
+    its config.yaml names (sweep.report.load_sweep_config). `tuner.pkl` and Ray's saved state are pickles,
+    unpickled here: resume only sweeps you trust."""
+    from .ray_parts import foreign_studies, resuming
     from .report import find_sweep, load_sweep_config
+    from .runs import in_launch_dir
 
     folder = find_sweep(target)
     if not (folder / "tuner.pkl").exists():
@@ -353,6 +355,21 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print, allo
     cfg = load_sweep_config(folder, allow_task_code)
     if not (folder / STUDY_FILE).is_file():
         raise ConfigError(f"{folder}: not a resumable sweep ({STUDY_FILE}, its Optuna study, is missing)")
+    for saved in [folder / "tuner.pkl", *sorted(folder.glob("searcher-state-*.pkl"))]:
+        others = foreign_studies(saved.read_bytes(), folder / STUDY_FILE)
+        if others:
+            raise ConfigError(f"{saved}: names the Optuna study {others[0].removeprefix('sqlite:///')}, not this "
+                              f"folder's {STUDY_FILE} (saved before a sweep folder could be moved or copied); "
+                              f"resume it where it was made")
+    with in_launch_dir(folder, log), resuming(folder):
+        return _resume(folder, cfg, address, log)
+
+
+def _resume(folder: Path, cfg: Config, address: str | None, log: Log) -> int:
+    from ray import tune
+
+    from trainable.io import atomic_local_filesystem
+
     space = load_space_for(cfg)
     _quiet_ray_env()
     init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
@@ -360,7 +377,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print, allo
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
-    tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
+    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(cfg, prep, resources),
                                storage_filesystem=atomic_local_filesystem(), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     return _fit_and_report(tuner, folder, cfg, num_samples(cfg, space), log)

@@ -148,3 +148,151 @@ def test_allow_task_code_runs_the_sweeps_task_file(command, task_file, tmp_path,
     rc = main(args)
     assert marker.exists()
     assert rc == (0 if command == "report" else 2)
+
+
+# ----------------------------------------------------------------------------- moved and copied sweep folders
+
+
+def _x_space(trial):
+    trial.suggest_float("x", 0.0, 1.0)
+
+
+def _searcher(folder: Path, storage=None):
+    from sweep.ray_parts import KDOptunaSearch, SweepStudy
+
+    return KDOptunaSearch(space=_x_space, metric="val_acc", mode="max", study_name="s", max_epochs=1,
+                          storage=storage if storage is not None else SweepStudy(folder / "optuna.db"))
+
+
+def _states(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return sorted(s for (s,) in con.execute("select state from trials"))
+
+
+def test_a_copied_sweeps_study_is_its_own_and_a_moved_one_opens(tmp_path):
+    """The searcher as Ray saves it (tuner.pkl, searcher-state-*.pkl: pickles), unpickled while a copy is
+    resumed, writes into the copy's optuna.db, never the original's; and unpickles after the original is gone."""
+    import pickle
+    import shutil
+
+    from sweep.ray_parts import resuming
+
+    original = tmp_path / "original"
+    original.mkdir()
+    searcher = _searcher(original)
+    searcher.suggest("t1")  # a trial asked before the "crash"
+    saved = pickle.dumps(searcher)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    with resuming(copy):
+        resumed = pickle.loads(saved)
+    resumed.on_trial_complete("t1", {"val_acc": 0.5, "epoch": 1})
+    resumed.suggest("t2")
+    assert _states(copy / "optuna.db") == ["COMPLETE", "RUNNING"]
+    assert _states(original / "optuna.db") == ["RUNNING"]  # the original's study is untouched
+
+    moved = tmp_path / "moved"
+    original.rename(moved)
+    with resuming(moved):
+        resumed = pickle.loads(saved)
+    resumed.on_trial_complete("t1", {"val_acc": 0.7, "epoch": 1})
+    assert _states(moved / "optuna.db") == ["COMPLETE"]
+    assert not original.exists()
+
+
+def test_asha_replays_the_folder_resumed(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    from sweep.ray_parts import ResumableASHA, resuming
+
+    asha = ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1,
+                         reduction_factor=2, experiment_dir=str(tmp_path / "original"))
+    saved = pickle.dumps(asha)  # as in tuner.pkl
+    moved = tmp_path / "moved"
+    (moved / "trial_a").mkdir(parents=True)
+    (moved / "trial_a" / "result.json").write_text(json.dumps({"trial_id": "a", "epoch": 1, "val_acc": 0.6}))
+    with resuming(moved):
+        resumed = pickle.loads(saved)
+    resumed.on_trial_add(None, SimpleNamespace(trial_id="b"))
+    rung_1 = dict(resumed._brackets[0]._rungs)[1]
+    assert rung_1 == {"a": 0.6}
+
+
+def test_resume_refuses_a_moved_sweep_saved_with_its_study_by_absolute_url(tmp_path, capsys):
+    # Sweeps saved before SweepStudy pickled optuna's RDBStorage by its URL: moved, one line, nothing opened.
+    import optuna
+    import pickle
+    import shutil
+
+    from sweep.ray_parts import foreign_studies
+
+    original = tmp_path / "original"
+    original.mkdir()
+    url = f"sqlite:///{(original / 'optuna.db').resolve()}"
+    saved = pickle.dumps(_searcher(original, optuna.storages.RDBStorage(url)))
+    assert foreign_studies(saved, original / "optuna.db") == []  # in place: its own study
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(original / "optuna.db", moved / "optuna.db")
+    (moved / "tuner.pkl").write_bytes(saved)
+    (moved / "config.yaml").write_text(yaml.safe_dump({"name": "moved", "data": {"download": False}}))
+    assert foreign_studies(saved, moved / "optuna.db") == [url]
+    assert main(["resume", str(moved)]) == 2
+    line = _one_error_line(capsys)
+    assert str(moved / "tuner.pkl") in line and str(original / "optuna.db") in line
+    # The new format names no URL at all: a moved folder is re-pointed instead (test above).
+    assert foreign_studies(pickle.dumps(_searcher(original)), moved / "optuna.db") == []
+
+
+def test_a_sweeps_relative_paths_are_read_from_its_launch_directory(tmp_path, monkeypatch, nsmc_dir):
+    import os
+
+    from sweep.config import validate
+    from sweep.runs import in_launch_dir, launch_dir, stamp
+    from trainable.data import DataError, locate_files
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "one" / "level" / "deeper"  # ../.. means elsewhere there
+    launch.mkdir()
+    elsewhere.mkdir(parents=True)
+    cfg = validate({"name": "s", "data": {"dir": os.path.relpath(nsmc_dir, launch), "download": False}}, "t")
+    monkeypatch.chdir(launch)
+    folder = launch / "results" / "s"
+    folder.mkdir(parents=True)
+    stamp(folder, cfg)
+    assert launch_dir(folder) == launch
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError):
+        locate_files(cfg.data, print, download=False)  # ../shared/data/nsmc from elsewhere: not the corpus
+    said = []
+    with in_launch_dir(folder, said.append):
+        assert Path.cwd() == launch
+        train, _ = locate_files(cfg.data, print, download=False)
+        assert train.resolve() == (nsmc_dir / "ratings_train.txt").resolve()
+    assert Path.cwd() == elsewhere and said == []
+
+    # Launched on another machine: said in one line, and the block runs where it is.
+    (folder / "command.txt").write_text("sweep run x.yaml\n# cwd: /nonexistent/launch\n")
+    with in_launch_dir(folder, said.append):
+        assert Path.cwd() == elsewhere
+    assert len(said) == 1 and "/nonexistent/launch" in said[0]
+
+
+def test_report_names_the_trial_folders_it_leaves_out(tmp_path):
+    from sweep.config import validate
+    from sweep.report import collect_trials
+
+    folder = tmp_path / "s"
+    for tid in ("aaa", "bbb"):
+        (folder / f"trial_{tid}").mkdir(parents=True)
+        (folder / f"trial_{tid}" / "params.json").write_text("{}")
+        (folder / f"trial_{tid}" / "result.json").write_text(
+            json.dumps({"trial_id": tid, "epoch": 1, "val_acc": 0.5}) + "\n")
+    state = {"trial_data": [[json.dumps({"trial_id": "aaa", "status": "TERMINATED"}), "{}"]]}
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    said = []
+    rows = collect_trials(folder, validate({"name": "s"}, "t"), said.append)
+    assert [r["trial_id"] for r in rows] == ["aaa"]
+    assert len(said) == 1 and "trial_bbb" in said[0] and "trial_aaa" not in said[0]
