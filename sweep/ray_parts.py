@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
@@ -52,6 +52,21 @@ class SweepStudy(optuna.storages.RDBStorage):
 
 def _open_sweep_study(name: str, folder: str) -> SweepStudy:
     return SweepStudy((_resumed_folder or Path(folder)) / name)
+
+
+class FolderSearchGenerator(SearchGenerator):
+    """Ray's SearchGenerator (it turns the searcher's suggestions into trials), except that when `sweep resume`
+    restores it, the saved experiment it makes new trials from is re-pointed at the folder being resumed. Ray
+    (checked on 2.60) re-points the trials it restores (TuneController._restore_trials) but not this experiment,
+    whose storage context names the old folder: a moved sweep's new trials were written where it used to be, and
+    a copy's into the original."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        storage = getattr(self._experiment, "storage", None)  # also the experiment's spec["storage"]
+        if _resumed_folder is not None and storage is not None:
+            storage.storage_fs_path = str(_resumed_folder.parent)
+            storage.experiment_dir_name = _resumed_folder.name
 
 
 def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:

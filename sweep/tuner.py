@@ -109,10 +109,11 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 
 def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
-    or copied folder resumes from its own, see ray_parts.SweepStudy)."""
+    or copied folder resumes from its own, see ray_parts.SweepStudy), in a search generator that a resume
+    re-points at the folder resumed (ray_parts.FolderSearchGenerator)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import KDOptunaSearch, SweepStudy
+    from .ray_parts import FolderSearchGenerator, KDOptunaSearch, SweepStudy
     from .samplers import make_sampler
 
     sampler = make_sampler(cfg.sweep.searcher, cfg.sweep.seed, num_samples=num_samples(cfg, space),
@@ -123,12 +124,13 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
                               study_name=cfg.name, storage=storage, max_epochs=max_epochs)
     limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
     if finalist_count(cfg) == 0:
-        return limited
+        return FolderSearchGenerator(limited)
     from .ray_parts import FinalistSearch
 
-    return FinalistSearch(limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins,
-                          seeds=cfg.sweep.finalist_seeds, base_alpha=cfg.train.alpha, base_seed=cfg.train.seed,
-                          max_epochs=max_epochs, max_concurrent=cfg.sweep.max_concurrent)
+    return FolderSearchGenerator(FinalistSearch(
+        limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
+        base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=max_epochs,
+        max_concurrent=cfg.sweep.max_concurrent))
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:

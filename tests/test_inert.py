@@ -296,3 +296,69 @@ def test_report_names_the_trial_folders_it_leaves_out(tmp_path):
     rows = collect_trials(folder, validate({"name": "s"}, "t"), said.append)
     assert [r["trial_id"] for r in rows] == ["aaa"]
     assert len(said) == 1 and "trial_bbb" in said[0] and "trial_aaa" not in said[0]
+
+
+def _asked(db: Path) -> bool:
+    import sqlite3
+
+    try:
+        return db.is_file() and bool(_states(db))
+    except sqlite3.OperationalError:  # no table yet, or locked by the sweep's write
+        return False
+
+
+def test_an_interrupted_sweep_copied_and_moved_resumes_from_another_directory(nsmc_dir, tmp_path):
+    """The user's story: a sweep with relative paths (data, cache, results) is interrupted, its folder copied and
+    the original moved away; the copy is resumed from another working directory. It finishes from its own study,
+    and the moved original's study is not touched."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_cli
+
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    cfg = {"name": "q", "data": {"dir": os.path.relpath(nsmc_dir, launch), "download": False, "train_rows": 1000,
+                                 "test_rows": 200},
+           "tokenizer": {"vocab_size": 500, "max_length": 32}, "student": {"embedding_dim": 16, "hidden_dim": 16},
+           "train": {"epochs": 4, "batch_size": 64, "threads": 1, "alpha": 1.0}, "cache_dir": "cache",
+           "results_dir": "results",
+           "sweep": {"space": {"parameters": {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-3}}},
+                     "num_samples": 2, "max_concurrent": 1, "scheduler": {"kind": "none"}, "twins": 0,
+                     "resources": {"cpu": 1}}}
+    (launch / "q.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", "q.yaml"], cwd=launch, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    original = launch / "results" / "q"
+    deadline = time.time() + 300
+    while not _asked(original / "optuna.db"):  # Optuna asked for the first trial: interrupt the sweep (Ctrl-C)
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    studied_before = _states(original / "optuna.db")
+    assert "COMPLETE" not in studied_before or len(studied_before) < 2
+
+    copy = tmp_path / "elsewhere" / "copy_of_q"
+    shutil.copytree(original, copy)
+    moved = tmp_path / "moved_q"
+    original.rename(moved)
+    entries_before = sorted(p.name for p in moved.iterdir())
+    other_cwd = tmp_path / "a" / "working" / "directory"  # the relative data.dir means nothing from here
+    other_cwd.mkdir(parents=True)
+    r = run_cli("resume", str(copy), cwd=other_cwd, env={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _states(copy / "optuna.db") == ["COMPLETE", "COMPLETE"]
+    assert _states(moved / "optuna.db") == studied_before  # the original's study was not written
+    assert sorted(p.name for p in moved.iterdir()) == entries_before  # nor its folder
+    assert not original.exists()  # and no trial was written where the folder used to be
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(copy / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(row["status"] == "finished" for row in rows)
