@@ -153,14 +153,16 @@ def cmd_plan(args) -> int:
 def cmd_resume(args) -> int:
     from .tuner import resume_sweep
 
-    return resume_sweep(args.target, address=args.address, log=log)
+    return resume_sweep(args.target, address=args.address, log=log, allow_task_code=args.allow_task_code)
 
 
 def cmd_report(args) -> int:
     from .report import build_report, find_sweep
+    from .runs import in_launch_dir
 
     folder = find_sweep(args.target)
-    report = build_report(folder, log=log)
+    with in_launch_dir(folder, log):  # the stamped config's relative paths mean what they meant at launch
+        report = build_report(folder, log=log, allow_task_code=args.allow_task_code)
     print(report.read_text())
     return 0
 
@@ -168,8 +170,12 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_best
     from .report import find_sweep
+    from .runs import in_launch_dir
 
-    out = export_best(find_sweep(args.target), Path(args.out), force=args.force, log=log, int8=args.int8)
+    folder, out = find_sweep(args.target), Path(args.out).absolute()
+    with in_launch_dir(folder, log):  # the stamped config's relative paths (e.g. the corpus) mean what they meant
+        out = export_best(folder, out, force=args.force, log=log, int8=args.int8,
+                          allow_task_code=args.allow_task_code)
     log(f"exported the best trial to {out}")
     return 0
 
@@ -182,7 +188,7 @@ def cmd_predict(args) -> int:
     if not args.text and args.file is None:
         raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")
     texts = list(args.text) + (read_input_texts(args.file, args.column) if args.file is not None else [])
-    task = export_task(Path(args.model_dir))
+    task = export_task(Path(args.model_dir), args.task)
     if task != "classify":  # an export of another task (lm: loss and perplexity; tagger: tags), in its own format
         t0 = time.perf_counter()
         rows = task_predict(Path(args.model_dir), task, texts)
@@ -210,7 +216,7 @@ def cmd_evaluate(args) -> int:
     from .tools import evaluate, format_evaluation
 
     result = evaluate(Path(args.model_dir), Path(args.file), args.column_text, args.column_label,
-                      runtime=args.runtime, batch_size=args.batch_size)
+                      runtime=args.runtime, batch_size=args.batch_size, task_file=args.task)
     print(json.dumps(result) if args.json else format_evaluation(result))
     return 0
 
@@ -282,13 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_plan)
 
+    def with_task_code(sp):
+        sp.add_argument("--allow-task-code", action="store_true",
+                        help="run the task module (.py file) that the sweep's config.yaml names: it is code")
+
     sp = sub.add_parser("resume", help="continue an interrupted sweep")
     sp.add_argument("target", help="sweep name (under results/) or folder")
     sp.add_argument("--address", help="an existing Ray cluster")
+    with_task_code(sp)
     sp.set_defaults(func=cmd_resume)
 
     sp = sub.add_parser("report", help="write and print the sweep's report")
     sp.add_argument("target", help="sweep name (under results/) or folder")
+    with_task_code(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("export", help="export the best student")
@@ -297,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing folder")
     sp.add_argument("--int8", action="store_true",
                     help="also write student.int8.ts (LSTM and Linear weights dynamically quantised to int8)")
+    with_task_code(sp)
     sp.set_defaults(func=cmd_export)
 
     def with_runtime(sp):
@@ -306,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnx (student.onnx)")
         sp.add_argument("--batch-size", type=int, default=512, help="reviews per batch, sorted by length (512)")
         sp.set_defaults(check=_check_batch_size)
+        sp.add_argument("--task", metavar="FILE", help="the task module (.py) of a custom task's export: an "
+                        "exported folder names only built-in tasks itself, since a task module is code")
 
     sp = sub.add_parser("predict", help="label new text with an exported student")
     sp.add_argument("model_dir")

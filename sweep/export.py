@@ -126,8 +126,8 @@ def _refuse_out(folder: Path, out: Path, results_dir: Path) -> None:
 
 
 def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
-                int8: bool = False) -> Path:
-    cfg = load_sweep_config(folder)
+                int8: bool = False, allow_task_code: bool = False) -> Path:
+    cfg = load_sweep_config(folder, allow_task_code)  # a task module the folder names runs only when allowed
     _refuse_out(folder, out, Path(cfg.results_dir))
     ranked = _ranked(collect_trials(folder, cfg), *metric_of(cfg))
     if not ranked:

@@ -7,16 +7,83 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
 
+
+# ----------------------------------------------------------------------------- a sweep folder that moves
+
+# The sweep folder being resumed (set by `resuming`). Ray unpickles the searcher and the scheduler in the driver
+# (tuner.pkl at Tuner.restore, searcher-state-*.pkl when fit starts): what they name inside the sweep folder, the
+# Optuna study and the folder ASHA replays, is re-pointed at the folder being resumed, so a moved folder resumes
+# and a copy never writes into the original's study.
+_resumed_folder: Path | None = None
+
+
+@contextmanager
+def resuming(folder: Path):
+    global _resumed_folder
+    _resumed_folder = Path(folder).resolve()
+    try:
+        yield
+    finally:
+        _resumed_folder = None
+
+
+class SweepStudy(optuna.storages.RDBStorage):
+    """The sweep's SQLite study (`path`, inside the sweep folder), pickled by its file name: unpickled while a
+    sweep is resumed (`resuming`) it opens that folder's file, else the same path again (a copy in this run)."""
+
+    def __init__(self, path: str | Path):
+        self.sweep_file = Path(path).resolve()
+        super().__init__(f"sqlite:///{self.sweep_file}")
+
+    def __reduce__(self):
+        return _open_sweep_study, (self.sweep_file.name, str(self.sweep_file.parent))
+
+
+def _open_sweep_study(name: str, folder: str) -> SweepStudy:
+    return SweepStudy((_resumed_folder or Path(folder)) / name)
+
+
+class FolderSearchGenerator(SearchGenerator):
+    """Ray's SearchGenerator (it turns the searcher's suggestions into trials), except that when `sweep resume`
+    restores it, the saved experiment it makes new trials from is re-pointed at the folder being resumed. Ray
+    (checked on 2.60) re-points the trials it restores (TuneController._restore_trials) but not this experiment,
+    whose storage context names the old folder: a moved sweep's new trials were written where it used to be, and
+    a copy's into the original."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        storage = getattr(self._experiment, "storage", None)  # also the experiment's spec["storage"]
+        if _resumed_folder is not None and storage is not None:
+            storage.storage_fs_path = str(_resumed_folder.parent)
+            storage.experiment_dir_name = _resumed_folder.name
+
+
+def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:
+    """The SQLite studies other than `own` that a pickle names by URL (read with pickletools: nothing is
+    unpickled, nothing runs). A sweep saved before `SweepStudy` pickled its study by absolute URL; moved or
+    copied, its state would open the original's study (or fail where it is gone)."""
+    import pickletools
+
+    own_url = f"sqlite:///{Path(own).resolve()}"
+    found = []
+    try:
+        for _, arg, _ in pickletools.genops(pickle_bytes):
+            if isinstance(arg, str) and arg.startswith("sqlite:///") and arg != own_url and arg not in found:
+                found.append(arg)
+    except Exception:  # noqa: BLE001 - a pickle pickletools cannot walk: Ray's own unpickling will say what is wrong
+        pass
+    return found
 
 
 class KDOptunaSearch(OptunaSearch):
@@ -82,6 +149,11 @@ class ResumableASHA(ASHAScheduler):
         super().__init__(*args, **kwargs)
         self._experiment_dir = experiment_dir
         self._replayed = False
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if _resumed_folder is not None:  # unpickled from tuner.pkl by `sweep resume`: replay the folder resumed
+            self._experiment_dir = str(_resumed_folder)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)

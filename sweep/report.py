@@ -26,14 +26,24 @@ def find_sweep(target: str, results_dir: str = "results") -> Path:
     p = Path(target)
     for cand in (p, Path(results_dir) / target):
         if (cand / "config.yaml").is_file():
-            return cand
+            return cand.resolve()  # absolute: resume/report/export then run in the sweep's launch directory
     raise ConfigError(f"{target}: no sweep folder found (looked for {p}/config.yaml and {results_dir}/{target}/config.yaml)")
 
 
-def load_sweep_config(folder: Path) -> Config:
+def load_sweep_config(folder: Path, allow_task_code: bool = False) -> Config:
+    """The sweep's stamped config. A task other than a built-in one is a module of code that the folder names:
+    it is loaded only with `allow_task_code` (the user's `--allow-task-code`), so opening a folder we did not
+    write runs nothing of its choosing."""
     from trainable.config import yaml_load
+    from trainable.tasks import is_builtin
 
-    return validate(yaml_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    path = folder / "config.yaml"
+    raw = yaml_load(path.read_text(encoding="utf-8"))
+    task = raw.get("task", "classify") if isinstance(raw, dict) else "classify"
+    if not allow_task_code and not is_builtin(task):
+        raise ConfigError(f"{path}: task: {task} is a task module (code), not a built-in task; it runs only with "
+                          f"--allow-task-code")
+    return validate(raw, str(path))
 
 
 def _ray_statuses(folder: Path) -> dict[str, str]:
@@ -96,14 +106,14 @@ def _best_of(values: list, mode: str):
     return (max(finite) if mode == "max" else min(finite)) if finite else None
 
 
-def collect_trials(folder: Path, cfg: Config) -> list[dict]:
+def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     """One dict per trial: hyperparameters, the task's metric (final, best, curve: `final_<metric>`,
     `best_<metric>`, `<metric>_curve`) and test score, epochs, status, error. For classify: final_val_acc,
-    best_val_acc, val_acc_curve, test_acc."""
+    best_val_acc, val_acc_curve, test_acc. `log`: where to name the trial folders left out."""
     metric, mode = metric_of(cfg)
     test_key = cfg.task_def.test_key
     statuses = _ray_statuses(folder)
-    rows = []
+    rows, left_out = [], []
     for params_file in sorted(folder.glob("*/params.json")):
         tdir = params_file.parent
         params = json.loads(params_file.read_text())
@@ -120,6 +130,7 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
         if statuses and trial_id not in statuses:
             # Started after Ray's last state snapshot by a driver that then died: the resumed sweep ran it again
             # under a new id (its Optuna trial is FAIL, a finalist's rerun or twin was issued again). Not a trial.
+            left_out.append(tdir.name)
             continue
         # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
         by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
@@ -157,6 +168,10 @@ def collect_trials(folder: Path, cfg: Config) -> list[dict]:
             "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
             f"{metric}_curve": curve,
         })
+    if left_out and log is not None:
+        log(f"warning: {folder}: left out {len(left_out)} trial folder(s) that Ray's last saved state does not "
+            f"know (started by a driver that died before saving it; a resumed sweep runs them again under new "
+            f"ids): {', '.join(left_out)}")
     return rows
 
 
@@ -360,13 +375,14 @@ def _cell(cfg: Config, r: dict, spec: str) -> str:
     return _fmt(r.get(spec))
 
 
-def build_report(folder: Path, log: Callable[[str], None] = print) -> Path:
-    """Write trials.parquet, report.md and the plots; return the report's path."""
-    cfg = load_sweep_config(folder)
+def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_code: bool = False) -> Path:
+    """Write trials.parquet, report.md and the plots; return the report's path. `allow_task_code`: see
+    `load_sweep_config`."""
+    cfg = load_sweep_config(folder, allow_task_code)
     task = cfg.task_def
     metric, mode = metric_of(cfg)
     best_key, test_key = f"best_{metric}", task.test_key
-    rows = collect_trials(folder, cfg)
+    rows = collect_trials(folder, cfg, log)
     write_trials_parquet(folder, rows)
     plots = _plots(folder, rows, metric, mode, log)
     ranked = _ranked(rows, metric, mode)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -127,3 +128,36 @@ def stamp(path: Path, cfg: Config) -> None:
     write_text(path / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_text(path / "command.txt", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) + f"\n# cwd: {os.getcwd()}\n")
     write_json(path / "version.json", code_version())
+
+
+def launch_dir(folder: Path) -> Path | None:
+    """The working directory `folder` was made from: command.txt's `# cwd:` line (see `stamp`); None if absent."""
+    try:
+        lines = (Path(folder) / "command.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    cwd = next((ln[len("# cwd: "):] for ln in reversed(lines) if ln.startswith("# cwd: ")), None)
+    return Path(cwd) if cwd else None
+
+
+@contextmanager
+def in_launch_dir(folder: Path, log: Callable[[str], None]):
+    """Run the block in the directory the run in `folder` was launched from, so that the relative paths of its
+    stamped config.yaml (data.dir, mirrors, cache_dir, a teacher or tokenizer file, ...) mean what they meant
+    then, wherever `sweep resume/report/export` is run from. Paths given on the command line must be made absolute
+    before. A launch directory that does not exist here (the folder came from another machine) is said, and the
+    block runs where it is."""
+    here, then = Path.cwd(), launch_dir(folder)
+    if then is None or then == here:
+        yield
+        return
+    if not then.is_dir():
+        log(f"warning: {folder} was made from {then}, which is not on this machine; relative paths in its "
+            f"config.yaml are read from {here}")
+        yield
+        return
+    os.chdir(then)
+    try:
+        yield
+    finally:
+        os.chdir(here)

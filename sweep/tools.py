@@ -54,15 +54,16 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: i
 
 
 def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_column: str = "label", *,
-             runtime: str = "eager", batch_size: int = 512) -> dict:
+             runtime: str = "eager", batch_size: int = 512, task_file: str | None = None) -> dict:
     """The exported model's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns): a
-    student of the classify task, or another task's export whose `predict` labels texts (a transformer teacher)."""
+    student of the classify task, or another task's export whose `predict` labels texts (a transformer teacher).
+    `task_file`: the user's `--task` (see `export_task`)."""
     from trainable.config import DataConfig
     from trainable.data import read_table
 
     from .export import label_texts, load_runtime
 
-    task = export_task(model_dir)
+    task = export_task(model_dir, task_file)
     if task == "classify":
         forward, tok, meta = load_runtime(model_dir, runtime)
         num_classes = meta["num_classes"]
@@ -88,17 +89,30 @@ def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_c
     return out
 
 
-def export_task(model_dir: Path) -> str:
-    """The task an export folder belongs to: its config.json's `task` (a student's has none: classify)."""
+def export_task(model_dir: Path, task_file: str | None = None) -> str:
+    """The task an export folder belongs to: its config.json's `task` (a student's has none: classify). Only a
+    built-in task is taken from the folder: a task module is code, and a folder we did not write must not choose
+    code to run. A custom task's export is opened with the user's own `task_file` (`--task FILE`)."""
     import json
 
+    from trainable.tasks import BUILTIN, is_builtin
+
+    if task_file is not None:
+        return task_file
     meta = Path(model_dir) / "config.json"
     if not meta.is_file():
         return "classify"  # load_runtime then says what is missing
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("task", "classify")
+        data = json.loads(meta.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{meta}: expected a JSON object (an export's description), got {type(data).__name__}")
+    task = data.get("task", "classify")
+    if not is_builtin(task):
+        raise ConfigError(f"{meta}: task: {task!r} is not a built-in task ({', '.join(BUILTIN)}); an exported folder "
+                          f"cannot choose code to run: pass --task FILE to use a task module you trust")
+    return task
 
 
 def task_predict(model_dir: Path, task: str, texts: list[str]) -> list[dict]:

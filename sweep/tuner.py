@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, load_config, load_space_for, metric_of, validate
+from .config import Config, ConfigError, load_config, load_space_for, metric_of
 from .counts import finalist_count, num_samples
 from .runs import Claim, StorageError, stamp
 
@@ -106,27 +106,30 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 # ----------------------------------------------------------------------------- searcher and scheduler
 
 
-def make_searcher(cfg: Config, space, storage_url: str, max_epochs: int):
-    import optuna
+def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
+    """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
+    or copied folder resumes from its own, see ray_parts.SweepStudy), in a search generator that a resume
+    re-points at the folder resumed (ray_parts.FolderSearchGenerator)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import KDOptunaSearch
+    from .ray_parts import FolderSearchGenerator, KDOptunaSearch, SweepStudy
     from .samplers import make_sampler
 
     sampler = make_sampler(cfg.sweep.searcher, cfg.sweep.seed, num_samples=num_samples(cfg, space),
                            grid=space.grid() if cfg.sweep.searcher == "grid" else None)
     metric, mode = objectives(cfg)
-    storage = optuna.storages.RDBStorage(storage_url)
+    storage = SweepStudy(study_file)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
                               study_name=cfg.name, storage=storage, max_epochs=max_epochs)
     limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
     if finalist_count(cfg) == 0:
-        return limited
+        return FolderSearchGenerator(limited)
     from .ray_parts import FinalistSearch
 
-    return FinalistSearch(limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins,
-                          seeds=cfg.sweep.finalist_seeds, base_alpha=cfg.train.alpha, base_seed=cfg.train.seed,
-                          max_epochs=max_epochs, max_concurrent=cfg.sweep.max_concurrent)
+    return FolderSearchGenerator(FinalistSearch(
+        limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
+        base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=max_epochs,
+        max_concurrent=cfg.sweep.max_concurrent))
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
@@ -210,7 +213,9 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         raise ConfigError(f"{config_path}: sweep.space: required key is missing (a search-space file or mapping)")
     folder = Path(cfg.results_dir) / cfg.name
     if resume and (folder / "tuner.pkl").exists():
-        return resume_sweep(str(folder), address=address, log=log)
+        # The config the user runs names the task: a task module the stamped config names is theirs if it is the same.
+        return resume_sweep(str(folder), address=address, log=log,
+                            allow_task_code=_stamped_task(folder) == cfg.task)
     total = num_samples(cfg, space)
     # With --force the old sweep is set aside, not deleted, until this one has passed every check and its Tuner is
     # built; any failure or Ctrl-C before that puts it back and leaves nothing of the new one.
@@ -238,8 +243,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         tuner = tune.Tuner(
             _trainable(cfg, prep, resources),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(cfg, space, f"sqlite:///{(folder / STUDY_FILE).resolve()}",
-                                         cfg.train.epochs),
+                search_alg=make_searcher(cfg, space, folder / STUDY_FILE, cfg.train.epochs),
                 scheduler=make_scheduler(cfg, folder), num_samples=total + extra,
                 reuse_actors=cfg.sweep.reuse_actors, trial_dirname_creator=trial_dirname),
             run_config=_run_config(cfg, folder, total, log),
@@ -287,12 +291,12 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if grid is None or unfinished or len(trials) < total:
         # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.
-        build_report(folder, log=log)
+        build_report(folder, log=log, allow_task_code=True)  # this sweep's own task, already loaded
         log(f"interrupted after {time.time() - t0:.1f} s: {len(trials) - len(unfinished)} of {total} trials done, "
             f"state saved; continue with: sweep resume {folder}")
         return 130
     log(f"sweep finished in {time.time() - t0:.1f} s")
-    report = build_report(folder, log=log)
+    report = build_report(folder, log=log, allow_task_code=True)
     log(f"report: {report}")
     return 0
 
@@ -324,19 +328,48 @@ def _chain_text(e: BaseException) -> str:
     return "\n".join(parts)
 
 
-def resume_sweep(target: str, address: str | None = None, log: Log = print) -> int:
-    from ray import tune
+def _stamped_task(folder: Path):
+    """The `task` of a sweep folder's config.yaml, as written (None when unreadable)."""
+    from trainable.config import yaml_load
 
-    from trainable.io import atomic_local_filesystem
+    try:
+        raw = yaml_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get("task", "classify") if isinstance(raw, dict) else None
 
-    from .report import find_sweep
+
+def resume_sweep(target: str, address: str | None = None, log: Log = print, allow_task_code: bool = False) -> int:
+    """Continue the sweep in folder `target`, wherever it lies now and from whatever directory: the stamped
+    config's relative paths are read from the directory the sweep was launched in (runs.in_launch_dir), and the
+    study and ASHA's replay are those of this folder (ray_parts.resuming). `allow_task_code`: run the task module
+    its config.yaml names (sweep.report.load_sweep_config). `tuner.pkl` and Ray's saved state are pickles,
+    unpickled here: resume only sweeps you trust."""
+    from .ray_parts import foreign_studies, resuming
+    from .report import find_sweep, load_sweep_config
+    from .runs import in_launch_dir
 
     folder = find_sweep(target)
     if not (folder / "tuner.pkl").exists():
         raise ConfigError(f"{folder}: not a resumable sweep (no tuner.pkl); start it with `sweep run`")
-    from trainable.config import yaml_load
+    cfg = load_sweep_config(folder, allow_task_code)
+    if not (folder / STUDY_FILE).is_file():
+        raise ConfigError(f"{folder}: not a resumable sweep ({STUDY_FILE}, its Optuna study, is missing)")
+    for saved in [folder / "tuner.pkl", *sorted(folder.glob("searcher-state-*.pkl"))]:
+        others = foreign_studies(saved.read_bytes(), folder / STUDY_FILE)
+        if others:
+            raise ConfigError(f"{saved}: names the Optuna study {others[0].removeprefix('sqlite:///')}, not this "
+                              f"folder's {STUDY_FILE} (saved before a sweep folder could be moved or copied); "
+                              f"resume it where it was made")
+    with in_launch_dir(folder, log), resuming(folder):
+        return _resume(folder, cfg, address, log)
 
-    cfg = validate(yaml_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+
+def _resume(folder: Path, cfg: Config, address: str | None, log: Log) -> int:
+    from ray import tune
+
+    from trainable.io import atomic_local_filesystem
+
     space = load_space_for(cfg)
     _quiet_ray_env()
     init_ray(address or cfg.sweep.address, cfg.sweep.dashboard, log)
@@ -344,7 +377,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print) -> i
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
-    tuner = tune.Tuner.restore(str(folder.resolve()), trainable=_trainable(cfg, prep, resources),
+    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(cfg, prep, resources),
                                storage_filesystem=atomic_local_filesystem(), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     return _fit_and_report(tuner, folder, cfg, num_samples(cfg, space), log)

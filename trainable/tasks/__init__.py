@@ -34,6 +34,13 @@ class TaskError(ValueError):
     """A task that cannot be found or loaded: one line naming it."""
 
 
+def is_builtin(ref) -> bool:
+    """Whether a config's `task` names a built-in task, whose loading runs only this package's own code. Any other
+    reference (a .py file, a dotted module) is code chosen by whoever wrote the config: a folder we did not write
+    (an export, a sweep) may name one, and it runs only when the user asks (`--task`, `--allow-task-code`)."""
+    return isinstance(ref, str) and ref in BUILTIN
+
+
 class Task:
     """Base class of a task. Subclasses set the class attributes and override the methods they need."""
 
