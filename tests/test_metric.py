@@ -23,9 +23,9 @@ SCRIPT = [(0.60, 0.50), (0.70, 0.60), (0.65, 0.40)]
 
 
 class Scripted:
-    """A job whose epoch e sets its one weight to e and whose validation scores follow SCRIPT."""
+    """A job whose epoch e sets its one weight to e and whose validation scores follow `script`."""
 
-    def __init__(self):
+    def __init__(self, script=SCRIPT):
         from trainable.loop import Job
 
         class _Job(Job):
@@ -42,7 +42,7 @@ class Scripted:
                 return {"loss": 1.0 / epoch, "samples": 10}
 
             def evaluate(self, split):
-                acc, loss = SCRIPT[self.epoch - 1]
+                acc, loss = script[self.epoch - 1]
                 return {"acc": acc, "loss": loss} if split == "val" else {"acc": self.epoch / 10, "loss": 0.0}
 
         self.job = _Job()
@@ -61,6 +61,22 @@ def test_fit_keeps_the_best_epoch_of_the_metric_it_is_told(tmp_path, metric, mod
     assert state["metric"] == metric and state["best_epoch"] == epoch
     assert state["best_model"]["weight"].item() == epoch
     assert r.history[-1][f"best_{metric}"] == r.best
+
+
+def test_a_run_resumed_with_another_metric_compares_like_with_like(tmp_path):
+    """A checkpoint whose best weights were kept by val_loss, resumed with val_acc (e.g. a sweep started before its
+    metric reached the loop): the kept epoch's val_acc is the value to beat, not its val_loss."""
+    from trainable.loop import fit
+
+    script = [(0.90, 0.50), (0.60, 0.70), (0.70, 0.80)]
+    fit(Scripted(script).job, epochs=2, metric="val_loss", mode="min", params=1, size_kb=0.0, run_dir=tmp_path,
+        tb_dir=None, log=lambda m: None)
+    said = []
+    r = fit(Scripted(script).job, epochs=3, metric="val_acc", mode="max", params=1, size_kb=0.0, run_dir=tmp_path,
+            tb_dir=None, resume_from=tmp_path / "checkpoints" / "epoch_0002", log=said.append)
+    # Epoch 3's val_acc 0.70 would beat epoch 1's val_loss 0.50; it does not beat epoch 1's val_acc 0.90.
+    assert (r.best_epoch, r.best) == (1, 0.90)
+    assert any(m.startswith("warning:") and "kept its best weights by val_loss" in m for m in said), said
 
 
 def _synthetic(seed: int = 1):
