@@ -161,7 +161,8 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
         "num_layers": tcfg.student.num_layers, "dropout": tcfg.student.dropout, "num_classes": cfg.data.num_classes,
         "max_length": tcfg.tokenizer.max_length, "sweep": cfg.name, "trial_id": best["trial_id"],
         "metric": kept_by, f"best_{kept_by}": state.get("best", state.get("best_val_acc")),
-        "best_epoch": state.get("best_epoch"), "val_acc": kept_epoch(state).get("val_acc"), "test_acc": best["test_acc"],
+        "best_epoch": state.get("best_epoch"), "val_acc": kept_epoch(state).get("val_acc"),
+        "test_acc": best["test_acc"],
         "params": best["params"], "hyperparameters": params,
     }
     with atomic_dir(out) as tmp:

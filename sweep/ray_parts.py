@@ -69,6 +69,19 @@ class FolderSearchGenerator(SearchGenerator):
             storage.storage_fs_path = str(_resumed_folder.parent)
             storage.experiment_dir_name = _resumed_folder.name
 
+    def save_to_dir(self, dirpath: str, session_str: str) -> None:
+        """Ray's snapshot of the search (into the driver's staging folder, which Ray then copies to the sweep
+        folder), plus the finalists' decisions beside it: the file always agrees with the searcher state saved
+        with it. Written anywhere else it would not: Ray copies the folder's *.json down into staging when it
+        resumes and back up after, so a file written straight into the sweep folder was overwritten by its copy
+        from before the crash (checked on Ray 2.60)."""
+        super().save_to_dir(dirpath, session_str)
+        decisions = self.searcher.decisions() if isinstance(self.searcher, FinalistSearch) else None
+        if decisions is not None:
+            from trainable.io import write_json
+
+            write_json(Path(dirpath) / FINALISTS_FILE, decisions)
+
 
 def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:
     """The SQLite studies other than `own` that a pickle names by URL (read with pickletools: nothing is
@@ -360,11 +373,11 @@ class FinalistSearch(Searcher):
     and no-teacher twins (`finalist_trials`), as trials of the same experiment: Ray saves this wrapper's state with
     the experiment (`get_state`), so `sweep resume` neither loses nor repeats them. The wrapped searcher (Optuna)
     never hears of the extra trials. At most `max_concurrent` extra trials are live at once, like the search's.
-    The finalists are the best by the wrapped searcher's metric and mode (the sweep's); the decisions are written to
-    FINALISTS_FILE in `folder` (the sweep folder) when made and whenever an extra trial is issued."""
+    The finalists are the best by the wrapped searcher's metric and mode (the sweep's); `decisions` are what
+    FolderSearchGenerator writes to FINALISTS_FILE with every snapshot of this state."""
 
     def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, base_alpha: float,
-                 base_seed: int, max_epochs: int, max_concurrent: int, folder: str | None = None):
+                 base_seed: int, max_epochs: int, max_concurrent: int):
         self.searcher = searcher
         self.num_search, self.twins, self.seeds = num_search, twins, seeds
         self.base_alpha, self.base_seed, self.max_epochs = base_alpha, base_seed, max_epochs
@@ -373,7 +386,6 @@ class FinalistSearch(Searcher):
         self.done: dict[str, dict] = {}  # search trial id -> what decides the finalists
         self.queue: list[dict] | None = None  # the extra trials not issued yet, made once
         self.extra: dict[str, bool] = {}  # extra trial id -> complete
-        self.folder = folder
         self.finalists: list[str] = []
         self.planned: list[dict] = []  # every extra trial, as {"role", "of", "train.seed"}
         self.roles: dict[str, dict] = {}  # extra trial id -> {"role", "of"}
@@ -400,28 +412,23 @@ class FinalistSearch(Searcher):
                                          base_alpha=self.base_alpha, base_seed=self.base_seed,
                                          max_epochs=self.max_epochs, mode=self.mode)
             self.planned = [{"role": e[ROLE], "of": e[OF], "train.seed": e["train.seed"]} for e in self.queue]
-            self._write_decisions()
         if not self.queue:
             return Searcher.FINISHED  # Ray ends the experiment once the trials already issued are done
         if sum(not complete for complete in self.extra.values()) >= self.max_concurrent:
             return None
         self.extra[trial_id] = False
         cfg = self.queue.pop(0)
-        if hasattr(self, "roles"):
+        if hasattr(self, "roles"):  # (a state saved before the decisions file has none)
             self.roles[trial_id] = {"role": cfg[ROLE], "of": cfg[OF]}
-            self._write_decisions()
         return cfg
 
-    def _write_decisions(self) -> None:
-        # Resumed: the folder being resumed (it may have been moved or copied), as for the study and ASHA's replay.
-        folder = _resumed_folder or getattr(self, "folder", None)
-        if folder is None:  # (a searcher made before the file existed, not resumed: the report derives)
-            return
-        from trainable.io import write_json
-
-        write_json(Path(folder) / FINALISTS_FILE, {
-            "metric": self.metric, "mode": self.mode, "search_trials": len(self.configs),
-            "finalists": self.finalists, "extra": self.planned, "trials": getattr(self, "roles", {})})
+    def decisions(self) -> dict | None:
+        """Who the finalists are (best first), the extra trials planned for them, and which issued trial is a rerun
+        or twin of which; None until the search is over (or for a state saved before the decisions were kept)."""
+        if self.queue is None or not hasattr(self, "planned"):
+            return None
+        return {"metric": self.metric, "mode": self.mode, "search_trials": len(self.configs),
+                "finalists": self.finalists, "extra": self.planned, "trials": self.roles}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.configs:

@@ -109,8 +109,7 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
     or copied folder resumes from its own, see ray_parts.SweepStudy), in a search generator that a resume
-    re-points at the folder resumed (ray_parts.FolderSearchGenerator). The finalists' decisions are written
-    beside the study (ray_parts.FINALISTS_FILE)."""
+    re-points at the folder resumed and which writes the finalists' decisions (ray_parts.FolderSearchGenerator)."""
     from ray.tune.search import ConcurrencyLimiter
 
     from .ray_parts import FolderSearchGenerator, KDOptunaSearch, SweepStudy
@@ -130,7 +129,7 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     return FolderSearchGenerator(FinalistSearch(
         limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
         base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=max_epochs,
-        max_concurrent=cfg.sweep.max_concurrent, folder=str(Path(study_file).resolve().parent)))
+        max_concurrent=cfg.sweep.max_concurrent))
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:

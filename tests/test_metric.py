@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,9 +126,11 @@ def test_train_student_keeps_the_best_epoch_of_the_metric_it_is_told(tmp_path):
 
 
 def test_finalist_search_ranks_by_the_sweep_metric_and_writes_its_decisions(tmp_path):
+    """The decisions are written with each of Ray's snapshots of the search (into its staging folder, which Ray
+    copies to the sweep folder), so the file always agrees with the state a resume restores."""
     from ray.tune.search import Searcher
 
-    from sweep.ray_parts import FINALISTS_FILE, FinalistSearch
+    from sweep.ray_parts import FINALISTS_FILE, FinalistSearch, FolderSearchGenerator
 
     class Numbered(Searcher):
         def __init__(self):
@@ -141,22 +144,41 @@ def test_finalist_search_ranks_by_the_sweep_metric_and_writes_its_decisions(tmp_
         def on_trial_complete(self, trial_id, result=None, error=False):
             pass
 
-    fs = FinalistSearch(Numbered(), num_search=3, twins=1, seeds=2, base_alpha=1.0, base_seed=0, max_epochs=2,
-                        max_concurrent=2, folder=str(tmp_path))
+        def save(self, path):
+            Path(path).write_text(str(self.n))
+
+        def restore(self, path):
+            self.n = int(Path(path).read_text())
+
+    def generator():
+        return FolderSearchGenerator(FinalistSearch(Numbered(), num_search=3, twins=1, seeds=2, base_alpha=1.0,
+                                                    base_seed=0, max_epochs=2, max_concurrent=2))
+
+    gen, staged = generator(), tmp_path / "staging"
+    staged.mkdir()
+    fs = gen.searcher
     for tid in ("s1", "s2", "s3"):
         assert fs.suggest(tid)
     # s1 has the best accuracy, s2 the lowest loss; s3 stopped early (lower still) and is no candidate.
     fs.on_trial_complete("s1", {"epoch": 2, "best_val_loss": 0.50, "best_val_acc": 0.90})
     fs.on_trial_complete("s2", {"epoch": 2, "best_val_loss": 0.40, "best_val_acc": 0.80})
-    assert not (tmp_path / FINALISTS_FILE).exists()  # not decided before the search is over
     fs.on_trial_complete("s3", {"epoch": 1, "best_val_loss": 0.30, "best_val_acc": 0.95})
+    gen.save_to_dir(str(staged), session_str="x")
+    assert not (staged / FINALISTS_FILE).exists()  # not decided before the search is over
     rerun = fs.suggest("e1")
     assert rerun["kd_of"] == "s2" and rerun["kd_role"] == "rerun"  # alpha 1: no twin, one rerun
     assert fs.suggest("e2") == Searcher.FINISHED
-    decisions = json.loads((tmp_path / FINALISTS_FILE).read_text())
+    gen.save_to_dir(str(staged), session_str="x")
+    decisions = json.loads((staged / FINALISTS_FILE).read_text())
     assert decisions["metric"] == "val_loss" and decisions["mode"] == "min"
     assert decisions["finalists"] == ["s2"] and decisions["search_trials"] == 3
     assert decisions["trials"] == {"e1": {"role": "rerun", "of": "s2"}} and len(decisions["extra"]) == 1
+    # A resume restores the state into a fresh searcher; its next snapshot rewrites the file Ray copied down.
+    (staged / FINALISTS_FILE).write_text("{}")
+    resumed = generator()
+    resumed.restore_from_dir(str(staged))
+    resumed.save_to_dir(str(staged), session_str="y")
+    assert json.loads((staged / FINALISTS_FILE).read_text()) == decisions
 
 
 def test_the_report_takes_the_finalists_from_the_decisions_file(tmp_path):

@@ -1,6 +1,6 @@
 """The classify task (the default): a BiLSTM student distilled from a teacher's cached logits, on a labelled text
-corpus plus an optional transfer set. Metric: validation accuracy (max), or val_loss (min); the report adds the finalists' no-teacher
-twins and the KD gain. Everything here delegates to the modules that existed before the task seam
+corpus plus an optional transfer set. Metric: validation accuracy (max), or val_loss (min); the report adds the
+finalists' no-teacher twins and the KD gain. Everything here delegates to the modules that existed before the task seam
 (prepare.py, loop.py, teacher.py); this file is the seam's view of them.
 """
 from __future__ import annotations
