@@ -67,8 +67,9 @@ def cmd_train(args) -> int:
     from trainable.io import write_json
     from trainable.loop import train_student
     from trainable.prepare import prepare, student_inputs
+    from trainable.tasks import train_task
 
-    from .config import ConfigError, check_writable, load_config
+    from .config import ConfigError, check_writable, load_config, metric_of
     from .runs import Claim, stamp
 
     cfg, _ = load_config(args.config, args.set)
@@ -96,17 +97,20 @@ def cmd_train(args) -> int:
             task = cfg.task_def
             inputs = task.trial_inputs(task.prepare(cfg, log))
             stamp(run_dir, cfg)
-            result = task.train(cfg, inputs, run_dir=run_dir, tb_dir=None, resume_from=resume_from,
-                                on_epoch=lambda m, ckpt: claim.commit(), keep_checkpoints=2, log=log)
+            metric, mode = metric_of(cfg)  # `sweep.metric` picks the kept weights here too
+            result = train_task(task, cfg, inputs, metric=metric, mode=mode, run_dir=run_dir, tb_dir=None,
+                                resume_from=resume_from, on_epoch=lambda m, ckpt: claim.commit(),
+                                keep_checkpoints=2, log=log)
         else:
             prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
             stamp(run_dir, cfg)
             data, logits = student_inputs(prep.encoded, prep.logits, cfg)
             if data.transfer is not None:
                 log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
+            metric, mode = metric_of(cfg)  # `sweep.metric` picks the kept weights here too
             result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
                                    run_dir=run_dir, resume_from=resume_from, log=log,
-                                   on_epoch=lambda m, ckpt: claim.commit())
+                                   on_epoch=lambda m, ckpt: claim.commit(), metric=metric, mode=mode)
         claim.commit()
     out = asdict(result)
     out.pop("history")

@@ -14,6 +14,13 @@ def num_samples(cfg: Config, space) -> int:
     return space.grid_size() if cfg.sweep.searcher == "grid" else 16
 
 
+def is_finished(epochs, max_epochs: int, *, failed: bool = False) -> bool:
+    """Whether a trial is finished: it did not fail and trained every epoch (`train.epochs`); one that ended
+    sooner without failing was stopped early (ASHA). The one definition that the progress line, Optuna (COMPLETE
+    or PRUNED), the finalists, the expected-trial count and the report's status use."""
+    return not failed and (epochs or 0) >= max_epochs
+
+
 def finalist_count(cfg: Config) -> int:
     """The most extra trials after the search: per finalist N - 1 reruns and N twins (N = finalist_seeds)."""
     if cfg.sweep.objectives != "accuracy" or not cfg.task_def.twins:  # no single "best", or no teacher to switch off

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from trainable.tasks import config_from_trial
 from trainable.io import atomic_dir, write_json
-from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
+from trainable.loop import CheckpointError, kept_epoch, load_checkpoint, trial_checkpoints
 from trainable.student import BiLSTMClassifier, PortableBiLSTM
 
 from .config import ConfigError, metric_of
@@ -129,7 +129,8 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
                 int8: bool = False, allow_task_code: bool = False) -> Path:
     cfg = load_sweep_config(folder, allow_task_code)  # a task module the folder names runs only when allowed
     _refuse_out(folder, out, Path(cfg.results_dir))
-    ranked = _ranked(collect_trials(folder, cfg), *metric_of(cfg))
+    metric, mode = metric_of(cfg)
+    ranked = _ranked(collect_trials(folder, cfg), metric, mode)
     if not ranked:
         raise ConfigError(f"{folder}: no successful trial to export")
     if out.exists() and any(out.iterdir()) and not force:
@@ -139,6 +140,10 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
     params = json.loads((trial_dir / "params.json").read_text())
     tcfg = config_from_trial(cfg.model_dump(exclude={"sweep"}), params)
     state = _latest_valid_checkpoint(trial_dir, log)
+    kept_by = state.get("metric") or "val_acc"  # (checkpoints before the task seam: val_acc only)
+    if kept_by != metric:  # a sweep run before its metric reached the training loop
+        log(f"warning: trial {best['trial_id']} kept its best weights by {kept_by}, not the sweep's {metric}: the "
+            f"export holds its best-{kept_by} epoch ({state.get('best_epoch')})")
     if cfg.task != "classify":  # the task's own export format
         with atomic_dir(out) as tmp:
             cfg.task_def.export(trial_dir, tcfg, best, tmp, log, state=state, int8=int8)
@@ -155,7 +160,9 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
         "embedding_dim": tcfg.student.embedding_dim, "hidden_dim": tcfg.student.hidden_dim,
         "num_layers": tcfg.student.num_layers, "dropout": tcfg.student.dropout, "num_classes": cfg.data.num_classes,
         "max_length": tcfg.tokenizer.max_length, "sweep": cfg.name, "trial_id": best["trial_id"],
-        "val_acc": best["best_val_acc"], "test_acc": best["test_acc"], "best_epoch": best["best_epoch"],
+        "metric": kept_by, f"best_{kept_by}": state.get("best", state.get("best_val_acc")),
+        "best_epoch": state.get("best_epoch"), "val_acc": kept_epoch(state).get("val_acc"),
+        "test_acc": best["test_acc"],
         "params": best["params"], "hyperparameters": params,
     }
     with atomic_dir(out) as tmp:

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .counts import is_finished
 from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
 
 
@@ -67,6 +68,19 @@ class FolderSearchGenerator(SearchGenerator):
         if _resumed_folder is not None and storage is not None:
             storage.storage_fs_path = str(_resumed_folder.parent)
             storage.experiment_dir_name = _resumed_folder.name
+
+    def save_to_dir(self, dirpath: str, session_str: str) -> None:
+        """Ray's snapshot of the search (into the driver's staging folder, which Ray then copies to the sweep
+        folder), plus the finalists' decisions beside it: the file always agrees with the searcher state saved
+        with it. Written anywhere else it would not: Ray copies the folder's *.json down into staging when it
+        resumes and back up after, so a file written straight into the sweep folder was overwritten by its copy
+        from before the crash (checked on Ray 2.60)."""
+        super().save_to_dir(dirpath, session_str)
+        decisions = self.searcher.decisions() if isinstance(self.searcher, FinalistSearch) else None
+        if decisions is not None:
+            from trainable.io import write_json
+
+            write_json(Path(dirpath) / FINALISTS_FILE, decisions)
 
 
 def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:
@@ -125,7 +139,7 @@ class KDOptunaSearch(OptunaSearch):
             return  # told before a crash that came before Ray's next state snapshot
         if error or not finite:
             self._ot_study.tell(ot_trial, state=State.FAIL)
-        elif int(result.get("epoch", 0)) < self._max_epochs:
+        elif not is_finished(result.get("epoch"), self._max_epochs):
             self._ot_study.tell(ot_trial, state=State.PRUNED)
         else:
             self._ot_study.tell(ot_trial, values if multi else values[0])
@@ -298,7 +312,7 @@ class Progress(Callback):
         self._track(trial)
         self.running.discard(trial.trial_id)
         epoch = int((trial.last_result or {}).get("epoch", 0))
-        self.done[trial.trial_id] = "finished" if epoch >= self.max_epochs else "stopped early"
+        self.done[trial.trial_id] = "finished" if is_finished(epoch, self.max_epochs) else "stopped early"
         self._line(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -316,6 +330,9 @@ def trial_dirname(trial) -> str:
 # ----------------------------------------------------------------------------- finalists and their twins
 
 ROLE, OF = "kd_role", "kd_of"  # undotted trial-config keys (config_from_trial ignores them): rerun/twin, finalist
+# FinalistSearch's decisions, in the sweep folder: the finalists (best first) and the reruns/twins of each; the
+# expected-trial count and the report read it instead of choosing the finalists again.
+FINALISTS_FILE = "finalists.json"
 
 
 def is_extra(trial) -> bool:
@@ -323,18 +340,24 @@ def is_extra(trial) -> bool:
     return bool((getattr(trial, "config", None) or {}).get(ROLE))
 
 
+def pick_finalists(done: dict[str, dict], *, twins: int, max_epochs: int, mode: str = "max") -> list[str]:
+    """The `twins` best finished search trials, best first (ties by id). `done`: search trial id -> {"error",
+    "epoch", "best"}: "best" is the trial's best value of the sweep's metric, better by `mode`."""
+    sign = -1 if mode == "max" else 1
+    finished = [(tid, d.get("best", d.get("best_val_acc")))  # (searcher states saved before "best": val_acc only)
+                for tid, d in done.items() if is_finished(d.get("epoch"), max_epochs, failed=bool(d.get("error")))]
+    finished = [(tid, v) for tid, v in finished if isinstance(v, (int, float)) and math.isfinite(v)]
+    return [tid for tid, _ in sorted(finished, key=lambda x: (sign * x[1], x[0]))[:twins]]
+
+
 def finalist_trials(done: dict[str, dict], configs: dict[str, dict], *, twins: int, seeds: int, base_alpha: float,
-                    base_seed: int, max_epochs: int) -> list[dict]:
-    """The extra trials once the search is over. `done`: search trial id -> {"error", "epoch", "best_val_acc"};
-    `configs`: search trial id -> its config. The `twins` best finished trials (best validation accuracy; ties by
-    id) are finalists. Each gets `seeds - 1` reruns with the next seeds (its own trial is the first seed) and, unless
-    it already has no teacher (alpha 1), a twin per seed: the same config with train.alpha 1 (no teacher)."""
-    finished = [(tid, d["best_val_acc"]) for tid, d in done.items()
-                if not d.get("error") and (d.get("epoch") or 0) >= max_epochs
-                and isinstance(d.get("best_val_acc"), (int, float)) and math.isfinite(d["best_val_acc"])]
-    finalists = [tid for tid, _ in sorted(finished, key=lambda x: (-x[1], x[0]))[:twins]]
+                    base_seed: int, max_epochs: int, mode: str = "max") -> list[dict]:
+    """The extra trials once the search is over. `done` as for `pick_finalists`, whose finalists these are;
+    `configs`: search trial id -> its config. Each finalist gets `seeds - 1` reruns with the next seeds (its own
+    trial is the first seed) and, unless it already has no teacher (alpha 1), a twin per seed: the same config with
+    train.alpha 1 (no teacher)."""
     extra = []
-    for tid in finalists:
+    for tid in pick_finalists(done, twins=twins, max_epochs=max_epochs, mode=mode):
         cfg = configs[tid]
         seed0 = cfg.get("train.seed", base_seed)
         for i in range(1, seeds):
@@ -349,7 +372,9 @@ class FinalistSearch(Searcher):
     """The search trials from the wrapped searcher, then, once every one of them is complete, the finalists' reruns
     and no-teacher twins (`finalist_trials`), as trials of the same experiment: Ray saves this wrapper's state with
     the experiment (`get_state`), so `sweep resume` neither loses nor repeats them. The wrapped searcher (Optuna)
-    never hears of the extra trials. At most `max_concurrent` extra trials are live at once, like the search's."""
+    never hears of the extra trials. At most `max_concurrent` extra trials are live at once, like the search's.
+    The finalists are the best by the wrapped searcher's metric and mode (the sweep's); `decisions` are what
+    FolderSearchGenerator writes to FINALISTS_FILE with every snapshot of this state."""
 
     def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, base_alpha: float,
                  base_seed: int, max_epochs: int, max_concurrent: int):
@@ -361,6 +386,9 @@ class FinalistSearch(Searcher):
         self.done: dict[str, dict] = {}  # search trial id -> what decides the finalists
         self.queue: list[dict] | None = None  # the extra trials not issued yet, made once
         self.extra: dict[str, bool] = {}  # extra trial id -> complete
+        self.finalists: list[str] = []
+        self.planned: list[dict] = []  # every extra trial, as {"role", "of", "train.seed"}
+        self.roles: dict[str, dict] = {}  # extra trial id -> {"role", "of"}
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -379,15 +407,28 @@ class FinalistSearch(Searcher):
         if any(tid not in self.done for tid in self.configs):
             return None  # the finalists are known only when the search is over
         if self.queue is None:
+            self.finalists = pick_finalists(self.done, twins=self.twins, max_epochs=self.max_epochs, mode=self.mode)
             self.queue = finalist_trials(self.done, self.configs, twins=self.twins, seeds=self.seeds,
                                          base_alpha=self.base_alpha, base_seed=self.base_seed,
-                                         max_epochs=self.max_epochs)
+                                         max_epochs=self.max_epochs, mode=self.mode)
+            self.planned = [{"role": e[ROLE], "of": e[OF], "train.seed": e["train.seed"]} for e in self.queue]
         if not self.queue:
             return Searcher.FINISHED  # Ray ends the experiment once the trials already issued are done
         if sum(not complete for complete in self.extra.values()) >= self.max_concurrent:
             return None
         self.extra[trial_id] = False
-        return self.queue.pop(0)
+        cfg = self.queue.pop(0)
+        if hasattr(self, "roles"):  # (a state saved before the decisions file has none)
+            self.roles[trial_id] = {"role": cfg[ROLE], "of": cfg[OF]}
+        return cfg
+
+    def decisions(self) -> dict | None:
+        """Who the finalists are (best first), the extra trials planned for them, and which issued trial is a rerun
+        or twin of which; None until the search is over (or for a state saved before the decisions were kept)."""
+        if self.queue is None or not hasattr(self, "planned"):
+            return None
+        return {"metric": self.metric, "mode": self.mode, "search_trials": len(self.configs),
+                "finalists": self.finalists, "extra": self.planned, "trials": self.roles}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.configs:
@@ -400,7 +441,7 @@ class FinalistSearch(Searcher):
             return
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
         result = result or {}
-        self.done[trial_id] = {"error": error, "epoch": result.get("epoch"), "best_val_acc": result.get("best_val_acc")}
+        self.done[trial_id] = {"error": error, "epoch": result.get("epoch"), "best": result.get(f"best_{self.metric}")}
 
     def get_state(self) -> dict:
         state = self.__dict__.copy()

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from trainable.io import atomic_path, write_text
 
 from .config import ConfigError, Config, metric_of, validate
+from .counts import is_finished
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE = "finished", "stopped_early", "failed", "incomplete"
 
@@ -142,7 +143,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
         ray_status = statuses.get(trial_id, "")
         error = _error_line(tdir / "error.txt") if (tdir / "error.txt").is_file() else None
         warnings = (tdir / "warnings.txt").read_text().strip() if (tdir / "warnings.txt").is_file() else None
-        if error and ray_status != "ERROR" and (ray_status or epochs >= cfg.train.epochs):
+        if error and ray_status != "ERROR" and (ray_status or is_finished(epochs, cfg.train.epochs)):
             # It failed once, Ray retried it and it recovered: the reason stays, as a warning.
             warnings = "\n".join(filter(None, [warnings, f"recovered after: {error}"]))
             error = None
@@ -150,7 +151,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
             status = STATUS_FAILED
         elif ray_status in ("RUNNING", "PENDING", "PAUSED"):
             status = STATUS_INCOMPLETE
-        elif epochs >= cfg.train.epochs:
+        elif is_finished(epochs, cfg.train.epochs):
             status = STATUS_FINISHED
         else:
             status = STATUS_STOPPED if epochs > 0 else STATUS_INCOMPLETE
@@ -208,20 +209,29 @@ def kd_gain(distilled: list[float], twins: list[float]) -> tuple[float, float]:
     return md - mt, math.sqrt(sd * sd / len(distilled) + st * st / len(twins))
 
 
-def finalists(rows: list[dict], cfg: Config) -> list[dict]:
+def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list[dict]:
     """One entry per finalist, best first: its test accuracies over seeds (its own trial first), its no-teacher
     twins', the KD gain (None until both sides have a finished run, or when the finalist has no teacher) and
-    whether runs are still missing. Finalists are the trials the reruns and twins name, plus, once those exist, the
-    `sweep.twins` best finished search trials (as FinalistSearch picks them: a finalist with alpha 1 has no twin,
-    and with one seed nothing names it). A sweep with no reruns or twins (older, or `twins: 0`) has none."""
+    whether runs are still missing. The finalists are those FinalistSearch decided on (its FINALISTS_FILE in
+    `folder`). A sweep saved before that file existed: the trials the reruns and twins name, plus, once those exist,
+    the `sweep.twins` best finished search trials by the sweep's metric (a finalist with alpha 1 has no twin, and
+    with one seed nothing names it). A sweep with no reruns or twins (older, or `twins: 0`) has none."""
+    from .ray_parts import FINALISTS_FILE
+
     seeds = cfg.sweep.finalist_seeds
+    metric, mode = metric_of(cfg)
+    key, sign = f"best_{metric}", -1 if mode == "max" else 1
     search = [r for r in rows if r.get("kd_role", "search") == "search"]
-    ids = [r["kd_of"] for r in rows if r.get("kd_of")]
-    if ids:
-        done = [r for r in search if r["status"] == STATUS_FINISHED and r["best_val_acc"] is not None
-                and math.isfinite(r["best_val_acc"])]
-        best = sorted(done, key=lambda r: (-r["best_val_acc"], r["trial_id"]))
-        ids += [r["trial_id"] for r in best[:cfg.sweep.twins]]
+    decisions = folder / FINALISTS_FILE if folder is not None else None
+    if decisions is not None and decisions.is_file():
+        ids = list(json.loads(decisions.read_text())["finalists"])
+    else:
+        ids = [r["kd_of"] for r in rows if r.get("kd_of")]
+        if ids:
+            done = [r for r in search if r["status"] == STATUS_FINISHED and isinstance(r.get(key), (int, float))
+                    and math.isfinite(r[key])]
+            best = sorted(done, key=lambda r: (sign * r[key], r["trial_id"]))
+            ids += [r["trial_id"] for r in best[:cfg.sweep.twins]]
     by_id = {r["trial_id"]: r for r in search}
 
     def test_accs(rs: list[dict]) -> list[float]:
@@ -239,7 +249,9 @@ def finalists(rows: list[dict], cfg: Config) -> list[dict]:
         pending = len(acc) < seeds or len(twin_acc) < (0 if no_teacher else seeds)
         out.append({"trial_id": fid, "row": f, "acc": acc, "twin_acc": twin_acc, "gain": gain,
                     "no_teacher": no_teacher, "pending": pending})
-    return sorted(out, key=lambda e: (-(e["row"]["best_val_acc"] or 0), e["trial_id"]))
+    worst = float("inf")  # a finalist without a value (not expected) goes last
+    return sorted(out, key=lambda e: (sign * e["row"][key] if isinstance(e["row"].get(key), (int, float))
+                                      else worst, e["trial_id"]))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -349,6 +361,11 @@ def _title(key: str) -> str:
     return {"test_acc": "Acc", "best_val_acc": "Val Acc"}.get(key, key)
 
 
+def _best_title(metric: str) -> str:
+    """The title of the best-value column: "Val Acc" (the original study's) for val_acc, else "best <metric>"."""
+    return "Val Acc" if metric == "val_acc" else f"best {metric}"
+
+
 def _with_result_columns(columns: dict[str, str], metric: str, test_key: str | None) -> dict[str, str]:
     """The task's columns, with the result columns where the task put them ("@..." entries) or after its own."""
     if any(v.startswith("@") for v in columns.values()):
@@ -356,7 +373,7 @@ def _with_result_columns(columns: dict[str, str], metric: str, test_key: str | N
     out = dict(columns)
     if test_key:
         out[_title(test_key)] = test_key
-    out[_title(f"best_{metric}") if metric == "val_acc" else f"best {metric}"] = f"best_{metric}"
+    out[_best_title(metric)] = f"best_{metric}"
     out.update({"Step": "@step", "Train Time": "@time", "Params": "params", "Size": "@size"})
     return out
 
@@ -446,7 +463,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
             lines.append(f"- Pareto front ({metric} {'up' if mode == 'max' else 'down'}, parameters down): " + ", ".join(
                 f"{r['trial_id']} ({_fmt(r[best_key])}, {r['params']} params)"
                 for r in sorted(front, key=lambda r: r["params"])))
-    fin = finalists(rows, cfg)
+    fin = finalists(rows, cfg, folder)
     if fin:
         def acc_cell(accs):
             if not accs:
@@ -469,7 +486,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
                          f"{_fmt(_resolved(cfg, r, 'train.temperature'))} | {acc_cell(e['acc'])} | "
                          f"{acc_cell(e['twin_acc'])} | {gain}{' (incomplete)' if e['pending'] else ''} |")
         lines += ["", f"How to read it: the finalists are the {cfg.sweep.twins} best finished search trials (best "
-                  "validation accuracy). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
+                  f"{metric}). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
                   "everything else the same: its twin. Acc is the test accuracy of a run's best-validation weights. "
                   "KD gain = the finalist's mean Acc minus its twin's, in points: what the teacher added to this "
                   "student, measured rather than assumed. With `sweep.finalist_seeds` N > 1, each side is the mean ± "
@@ -482,7 +499,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     columns = task.columns or {k[3:]: f"hp:{k[3:]}" for k in dict.fromkeys(k for r in rows for k in r)
                                if k.startswith("hp.")}
     columns = _with_result_columns(columns, metric, test_key)
-    columns = {(f"best {metric}" if spec == "@best" else title): spec for title, spec in columns.items()}
+    columns = {(_best_title(metric) if spec == "@best" else title): spec for title, spec in columns.items()}
     lines += ["", "| Rank | Model | " + " | ".join(columns) + " | Status |",
               "|---:|---|" + "---:|" * len(columns) + "---|"]
     for i, r in enumerate(ranked + [r for r in rows if r not in ranked], 1):

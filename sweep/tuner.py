@@ -109,7 +109,7 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
     or copied folder resumes from its own, see ray_parts.SweepStudy), in a search generator that a resume
-    re-points at the folder resumed (ray_parts.FolderSearchGenerator)."""
+    re-points at the folder resumed and which writes the finalists' decisions (ray_parts.FolderSearchGenerator)."""
     from ray.tune.search import ConcurrencyLimiter
 
     from .ray_parts import FolderSearchGenerator, KDOptunaSearch, SweepStudy
@@ -165,8 +165,9 @@ def _trainable(cfg: Config, prep, resources: dict):
     from trainable.adapter import task_trainable
 
     base = cfg.model_dump(exclude={"sweep"})
+    metric, mode = metric_of(cfg)  # the trial keeps the weights of its best epoch by the sweep's own metric
     fn = tune.with_parameters(task_trainable, base=base, inputs=cfg.task_def.trial_inputs(prep),
-                              keep_checkpoints=cfg.sweep.keep_checkpoints)
+                              keep_checkpoints=cfg.sweep.keep_checkpoints, metric=metric, mode=mode)
     return tune.with_resources(fn, resources)
 
 
@@ -252,19 +253,28 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     return _fit_and_report(tuner, folder, cfg, total, log)
 
 
-def _expected_trials(cfg: Config, num_search: int, trials) -> int:
-    """How many trials a complete run of this sweep has: the search trials, plus the finalist trials that the
-    search's results call for (as FinalistSearch makes them; fewer when fewer search trials finished)."""
+def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None = None) -> int:
+    """How many trials a complete run of this sweep has: the search trials, plus the finalist trials that
+    FinalistSearch decided on (its FINALISTS_FILE in `folder`). Without the file (the search is not over, or a sweep
+    saved before the file existed), the finalist trials the search's results call for, chosen the same way."""
     if finalist_count(cfg) == 0:
         return num_search
-    from .ray_parts import ROLE, finalist_trials
+    import json
 
+    from .ray_parts import FINALISTS_FILE, ROLE, finalist_trials
+
+    decisions = folder / FINALISTS_FILE if folder is not None else None
+    if decisions is not None and decisions.is_file():
+        d = json.loads(decisions.read_text())
+        return d["search_trials"] + len(d["extra"])
+    metric, mode = metric_of(cfg)
     search = [t for t in trials if not t.config.get(ROLE)]
     done = {t.trial_id: {"error": t.status == "ERROR", "epoch": (t.last_result or {}).get("epoch"),
-                         "best_val_acc": (t.last_result or {}).get("best_val_acc")} for t in search}
+                         "best": (t.last_result or {}).get(f"best_{metric}")} for t in search}
     configs = {t.trial_id: dict(t.config) for t in search}
     extra = finalist_trials(done, configs, twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
-                            base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs)
+                            base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs,
+                            mode=mode)
     return num_search + len(extra)
 
 
@@ -287,7 +297,7 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
         raise StorageError(f"results_dir: {problem} while writing {folder}; the sweep stopped, its saved "
                            f"state and checkpoints are intact: fix the storage, then run: sweep resume {folder}")
     trials = grid._experiment_analysis.trials if grid is not None else []
-    total = _expected_trials(cfg, num_search, trials)
+    total = _expected_trials(cfg, num_search, trials, folder)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if grid is None or unfinished or len(trials) < total:
         # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.

@@ -82,13 +82,15 @@ class Toy(Task):
     def trial_inputs(self, prepared):
         return {"data": prepared}
 
-    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log):
+    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
+              mode=None):
         from trainable.loop import fit
 
         torch.manual_seed(cfg.train.seed)
         job = ToyJob(cfg, inputs["data"])
         params = sum(p.numel() for p in job.model.parameters())
-        return fit(job, epochs=cfg.train.epochs, metric="val_mse", mode="min", params=params, size_kb=params * 4 / 1024,
+        metric, mode = self.objective(metric, mode)  # the sweep's metric (here the task's only one)
+        return fit(job, epochs=cfg.train.epochs, metric=metric, mode=mode, params=params, size_kb=params * 4 / 1024,
                    run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
                    keep_checkpoints=keep_checkpoints, log=log, seed=cfg.train.seed)
 

@@ -236,6 +236,11 @@ def _check_finalist_trials(folder: Path, epochs: int, twins: int) -> list[dict]:
         assert recorded == sorted(set(recorded)) and len(r["val_acc_curve"]) == epochs, r
         assert r["hp.train.alpha"] == (1.0 if r["kd_role"] == "twin" else f["hp.train.alpha"])
         assert r["hp.student.hidden_dim"] == f["hp.student.hidden_dim"]
+    # The searcher's decisions file says the same, also after a driver crash and a resume (Ray copies the folder's
+    # JSON files down and back up: a file written beside them lost the trials issued after the resume).
+    decisions = json.loads((folder / "finalists.json").read_text())
+    assert decisions["finalists"] == finalists
+    assert decisions["trials"] == {r["trial_id"]: {"role": r["kd_role"], "of": r["kd_of"]} for r in extra}
     return rows
 
 

@@ -31,7 +31,7 @@ from ray import tune
 
 from .config import validation_problem
 from .loop import CheckpointError, NonFiniteLossError, load_checkpoint, trial_checkpoints
-from .tasks import config_from_trial
+from .tasks import config_from_trial, train_task
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
 
@@ -85,9 +85,11 @@ def _shared_trial_dir() -> Path:
     return trial_dir
 
 
-def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: int = 2) -> None:
+def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: int = 2, metric: str | None = None,
+                   mode: str | None = None) -> None:
     """One trial of the base config's task. `inputs` are the task's `trial_inputs` (for classify: the encodings by
-    vocab size and the teacher logits), shipped once through the object store."""
+    vocab size and the teacher logits), shipped once through the object store. `metric`/`mode`: the sweep's
+    (`sweep.metric`), which picks the weights the trial keeps as best (None: the task's first metric)."""
     trial_dir = _shared_trial_dir()
     marker = trial_dir / NOT_RETRYABLE
     if marker.is_file():
@@ -110,8 +112,9 @@ def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: i
 
     try:
         resume_from = _restore_point(trial_dir)
-        cfg.task_def.train(cfg, inputs, run_dir=work, tb_dir=trial_dir / "tb", resume_from=resume_from,
-                           on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None)
+        train_task(cfg.task_def, cfg, inputs, metric=metric, mode=mode, run_dir=work, tb_dir=trial_dir / "tb",
+                   resume_from=resume_from, on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None,
+                   warn=lambda msg: _warn(trial_dir, msg.removeprefix("warning: ")))
     except NonFiniteLossError as e:
         marker.write_text(str(e))
         raise

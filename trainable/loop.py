@@ -29,7 +29,7 @@ from .io import atomic_path, sha256_file, write_json
 from .losses import distillation_loss
 from .student import BiLSTMClassifier, count_params, state_dict_kb
 
-METRIC, MODE = "val_acc", "max"  # the classify task's metric (other tasks name their own: trainable/tasks/)
+METRIC, MODE = "val_acc", "max"  # the classify task's default metric (a sweep's `sweep.metric` replaces it)
 BUCKET_BATCHES = 50  # batches per sorted chunk: enough to find equal lengths, small enough to stay random
 
 
@@ -43,9 +43,9 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class RunResult:
-    val_acc: float  # best validation accuracy
+    val_acc: float  # validation accuracy of the kept weights (the best epoch of `metric`; with val_acc, the best)
     final_val_acc: float
-    test_acc: float  # of the best-validation weights
+    test_acc: float  # of the kept (best-validation) weights
     best_epoch: int
     epochs: int
     params: int
@@ -53,6 +53,8 @@ class RunResult:
     train_time_s: float
     samples_per_s: float
     history: list[dict] = field(default_factory=list)
+    metric: str = METRIC  # what picked the kept weights
+    best: float = float("nan")  # its best value
 
 
 # ----------------------------------------------------------------------------- batching
@@ -180,6 +182,11 @@ def newest_valid_checkpoint(folders: list[Path], log: Callable[[str], None]) -> 
     return None
 
 
+def kept_epoch(state: dict) -> dict:
+    """A checkpoint's metrics at the epoch whose weights it keeps as best (`best_model`); {} if not in its history."""
+    return next((m for m in state.get("history", []) if m.get("epoch") == state.get("best_epoch")), {})
+
+
 def trial_checkpoints(trial_dir: str | Path) -> list[Path]:
     """A Ray trial folder's checkpoint folders, newest epoch first (by meta.json). Not by name: Ray numbers a
     restored trial's checkpoints from 000000 again, so after a resume `checkpoint_000000` can be the newest. A
@@ -291,6 +298,11 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
         test_scores = state.get("test", {"acc": state.get("test_acc")})
         best_epoch, best_state = state["best_epoch"], state["best_model"]
         train_time, history = state["train_time_s"], state["history"]
+        kept_by = state.get("metric") or "val_acc"  # (checkpoints before the task seam: val_acc only)
+        if kept_by != metric:  # e.g. a sweep started before its metric reached the loop: that one decides from here
+            best = next((m.get(metric) for m in history if m["epoch"] == best_epoch), None)
+            log(f"warning: {resume_from} kept its best weights by {kept_by}; from epoch {start_epoch} on, {metric} "
+                f"({mode}) decides")
         log(f"resumed from {resume_from} (epoch {state['epoch']} done)")
 
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -444,6 +456,8 @@ def train_student(
     on_epoch: Callable[[dict, Optional[Path]], None] | None = None,
     keep_checkpoints: int = 2,
     log: Callable[[str], None] = print,
+    metric: str = METRIC,
+    mode: str = MODE,
 ) -> RunResult:
     """Train one student. `teacher_logits` (N_train + N_transfer, C) are aligned with the rows of `data.train`
     followed by those of `data.transfer` (None only if alpha == 1, and then `data.transfer` must be None too: a
@@ -452,8 +466,9 @@ def train_student(
     With `run_dir`, a checkpoint folder `run_dir/checkpoints/epoch_NNNN` is written after every epoch (the last
     `keep_checkpoints` kept) and handed to `on_epoch` together with the epoch's metrics (a dict: epoch, train_loss,
     train_ce, train_kd, val_acc, val_loss, lr, best_val_acc, best_epoch, test_acc, test_loss, samples_per_s,
-    train_time_s, params, size_kb, transfer_rows). `resume_from` is such a folder: the run continues with the next epoch, its RNG, optimizer and
-    scheduler state restored.
+    train_time_s, params, size_kb, transfer_rows; with another `metric`, best_<metric> instead of best_val_acc).
+    `resume_from` is such a folder: the run continues with the next epoch, its RNG, optimizer and scheduler state
+    restored. `metric` ("val_acc" or "val_loss") and `mode` pick the kept weights: the sweep's `sweep.metric`.
     """
     n_pool = len(data.train) + (len(data.transfer) if data.transfer is not None else 0)
     if teacher_logits is None and train_cfg.alpha < 1.0:
@@ -477,12 +492,15 @@ def train_student(
     params, size_kb = count_params(model), state_dict_kb(model)
     model.to(device)
     job = StudentJob(model, train_cfg, data, teacher_logits, num_classes, device)
-    r = fit(job, epochs=train_cfg.epochs, metric=METRIC, mode=MODE, params=params, size_kb=size_kb,
+    r = fit(job, epochs=train_cfg.epochs, metric=metric, mode=mode, params=params, size_kb=size_kb,
             run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
             keep_checkpoints=keep_checkpoints, log=log, seed=train_cfg.seed, weights_name="student.pt",
             hparams=_hparams(student_cfg, train_cfg, vocab_size=data.vocab_size))
+    nan = float("nan")
+    kept = next((m for m in r.history if m["epoch"] == r.best_epoch), {})  # a resumed run's history has every epoch
     return RunResult(
-        val_acc=r.best, final_val_acc=r.final, test_acc=r.test.get("acc", float("nan")), best_epoch=r.best_epoch,
-        epochs=r.epochs, params=params, size_kb=size_kb, train_time_s=r.train_time_s, samples_per_s=r.samples_per_s,
-        history=r.history,
+        val_acc=kept.get("val_acc", nan), final_val_acc=r.history[-1]["val_acc"] if r.history else nan,
+        test_acc=r.test.get("acc", float("nan")), best_epoch=r.best_epoch, epochs=r.epochs, params=params,
+        size_kb=size_kb, train_time_s=r.train_time_s, samples_per_s=r.samples_per_s, history=r.history,
+        metric=r.metric, best=r.best,
     )

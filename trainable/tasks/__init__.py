@@ -12,9 +12,11 @@ The contract (see `Task` below for the signatures):
   the held-out score of the best-validation weights, reported beside it.
 - `prepare(cfg, log, space)`: the expensive shared inputs, made once on the driver, cached by a hash of what
   produced them. `trial_inputs(prepared)`: what trials receive (once, through Ray's object store).
-- `train(cfg, inputs, ...)`: one trial, plain PyTorch, no Ray: calls `on_epoch(metrics, checkpoint)` after every
-  epoch (the budget step ASHA counts), resumes from a checkpoint folder. Most tasks build a `trainable.loop.Job`
-  and hand it to `trainable.loop.fit`, which owns epochs, best-weights tracking, checkpoints and TensorBoard.
+- `train(cfg, inputs, ..., metric=, mode=)`: one trial, plain PyTorch, no Ray: calls `on_epoch(metrics,
+  checkpoint)` after every epoch (the budget step ASHA counts), resumes from a checkpoint folder. `metric`/`mode`
+  are the sweep's (`sweep.metric`; None: the task's first): the best weights are those of its best epoch. Most
+  tasks build a `trainable.loop.Job` and hand it to `trainable.loop.fit`, which owns epochs, best-weights
+  tracking, checkpoints and TensorBoard.
 - `columns`: the report table's columns (title -> a dotted config key, or a result key).
 - `export(trial_dir, cfg, out, log)`: the best trial as a folder the next stage reads.
 """
@@ -67,6 +69,13 @@ class Task:
     def mode(self, metric: str | None = None) -> str:
         return self.metrics[metric or self.metric]
 
+    def objective(self, metric: str | None = None, mode: str | None = None) -> tuple[str, str]:
+        """(metric, mode) that pick a trial's best weights: the sweep's, else the task's first metric."""
+        metric = metric or self.metric
+        if metric not in self.metrics:
+            raise TaskError(f"task {self.name}: no metric {metric!r} (it reports {', '.join(self.metrics)})")
+        return metric, mode or self.metrics[metric]
+
     def check(self, cfg) -> None:
         """Cross-section checks on a whole validated config; raise ValueError with a one-line reason."""
 
@@ -82,7 +91,7 @@ class Task:
 
     def train(self, cfg, inputs: dict, *, run_dir: Path | None, tb_dir: Path | None, resume_from: Path | None,
               on_epoch: Callable[[dict, Optional[Path]], None] | None, keep_checkpoints: int,
-              log: Callable[[str], None]):
+              log: Callable[[str], None], metric: str | None = None, mode: str | None = None):
         raise NotImplementedError
 
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log: Callable[[str], None], **options) -> None:
@@ -117,6 +126,20 @@ class Task:
         """(largest trial's description, estimate) of its peak GPU memory (trainable.memory.MemoryEstimate);
         `values(key)`: every value a dotted key can take in a trial. None: not supported."""
         return None
+
+
+def train_task(task: Task, cfg, inputs: dict, *, metric: str | None, mode: str | None, log: Callable[[str], None],
+               warn: Callable[[str], None] | None = None, **kwargs):
+    """`task.train` told the sweep's metric and mode. A task file written before `train` took them keeps its own
+    choice of best weights, said in `warn` (default `log`), rather than failing every trial."""
+    import inspect
+
+    params = inspect.signature(task.train).parameters
+    if "metric" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return task.train(cfg, inputs, metric=metric, mode=mode, log=log, **kwargs)
+    (warn or log)(f"warning: task {task.name}: train() takes no metric/mode, so its best weights follow its own "
+                  f"choice, not {metric!r}")
+    return task.train(cfg, inputs, log=log, **kwargs)
 
 
 def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> tuple[dict[str, list[str]], str]:

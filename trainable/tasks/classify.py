@@ -1,6 +1,6 @@
 """The classify task (the default): a BiLSTM student distilled from a teacher's cached logits, on a labelled text
-corpus plus an optional transfer set. Metric: validation accuracy (max); the report adds the finalists' no-teacher
-twins and the KD gain. Everything here delegates to the modules that existed before the task seam
+corpus plus an optional transfer set. Metric: validation accuracy (max), or val_loss (min); the report adds the
+finalists' no-teacher twins and the KD gain. Everything here delegates to the modules that existed before the task seam
 (prepare.py, loop.py, teacher.py); this file is the seam's view of them.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Classify(Task):
     # The original study's table, in its order ("@": computed by the report).
     columns = {"vocab size": "hp:tokenizer.vocab_size", "hidden dim": "hp:student.hidden_dim",
                "embedding dim": "hp:student.embedding_dim", "loss rate": "hp:train.alpha",
-               "temperature": "hp:train.temperature", "Acc": "test_acc", "Val Acc": "best_val_acc", "Step": "@step",
+               "temperature": "hp:train.temperature", "Acc": "test_acc", "Val Acc": "@best", "Step": "@step",
                "Train Time": "@time", "step_size": "hp:train.step_size", "Params": "params", "Size": "@size"}
 
     plan_keys = ("tokenizer.vocab_size", "student.embedding_dim", "student.hidden_dim", "student.num_layers",
@@ -173,14 +173,16 @@ class Classify(Task):
                 **prepared.teacher.metrics,
                 "transfer_rows": len(prepared.corpus.transfer) if prepared.corpus.transfer is not None else 0})
 
-    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log):
+    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
+              mode=None):
         from ..loop import train_student
         from ..prepare import student_inputs
 
         encoded, teacher_logits = student_inputs(inputs["data"], inputs["logits"], cfg)
+        metric, mode = self.objective(metric, mode)
         return train_student(cfg.student, cfg.train, encoded, teacher_logits, num_classes=cfg.data.num_classes,
                              run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
-                             keep_checkpoints=keep_checkpoints, log=log)
+                             keep_checkpoints=keep_checkpoints, log=log, metric=metric, mode=mode)
 
 
 TASK = Classify()

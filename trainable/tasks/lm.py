@@ -245,7 +245,8 @@ class LanguageModel(Task):
             with atomic_path(tok_dir / f"vocab{vocab}.json") as tmp:
                 shutil.copyfile(d.tokenizer_file, tmp)
 
-    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log):
+    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
+              mode=None):
         from ..loop import _hparams, fit, resolve_device
         from ..student import count_params, state_dict_kb
 
@@ -263,8 +264,9 @@ class LanguageModel(Task):
         model.to(device)
         job = LMJob(model, cfg, data, device)
         # val_loss and val_bpc divide one summed loss by constants of the validation set: within a trial they pick
-        # the same best epoch, so the weights kept do not depend on which one the sweep ranks by.
-        return fit(job, epochs=cfg.train.epochs, metric="val_loss", mode="min", params=params, size_kb=size_kb,
+        # the same best epoch; the sweep's metric is still the one fit tracks (best_<metric> in every report).
+        metric, mode = self.objective(metric, mode)
+        return fit(job, epochs=cfg.train.epochs, metric=metric, mode=mode, params=params, size_kb=size_kb,
                    run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
                    keep_checkpoints=keep_checkpoints, log=log, seed=cfg.train.seed, weights_name="lm.pt",
                    hparams=_hparams(c, cfg.train))
@@ -281,7 +283,8 @@ class LanguageModel(Task):
             "vocab_size": int(state["best_model"]["embedding.weight"].shape[0]),  # the tokenizer's real size
             "embedding_dim": cfg.lm.embedding_dim, "hidden_dim": cfg.lm.hidden_dim, "num_layers": cfg.lm.num_layers,
             "dropout": cfg.lm.dropout, "max_length": cfg.lm.max_length, "sweep": cfg.name,
-            "trial_id": row["trial_id"], "test_ppl": row.get("test_ppl"),
+            "trial_id": row["trial_id"], "test_ppl": row.get("test_ppl"), "metric": state.get("metric"),
+            "best_epoch": state.get("best_epoch"),
             **{k: v for k, v in row.items() if k.startswith("best_val_")}})  # the sweep's metric, e.g. best_val_bpc
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:

@@ -245,7 +245,8 @@ class Tagger(Task):
 
         write_json(folder / "tagger_vocab.json", {"vocab": prepared.vocab, "tags": prepared.tag_names})
 
-    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log):
+    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
+              mode=None):
         from ..loop import _hparams, fit, resolve_device
         from ..student import count_params, state_dict_kb
 
@@ -262,13 +263,15 @@ class Tagger(Task):
         model = BiLSTMTagger(vocab_size, c.embedding_dim, c.hidden_dim, len(data.tag_names), c.dropout)
         params, size_kb = count_params(model), state_dict_kb(model)
         model.to(device)
-        return fit(TaggerJob(model, cfg, data, vocab_size, device), epochs=cfg.train.epochs, metric="val_acc",
-                   mode="max", params=params, size_kb=size_kb, run_dir=run_dir, tb_dir=tb_dir,
+        metric, mode = self.objective(metric, mode)
+        return fit(TaggerJob(model, cfg, data, vocab_size, device), epochs=cfg.train.epochs, metric=metric,
+                   mode=mode, params=params, size_kb=size_kb, run_dir=run_dir, tb_dir=tb_dir,
                    resume_from=resume_from, on_epoch=on_epoch, keep_checkpoints=keep_checkpoints, log=log,
                    seed=cfg.train.seed, weights_name="tagger.pt", hparams=_hparams(c, cfg.train))
 
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log, state: dict, **options) -> None:
         from ..io import atomic_path, write_json
+        from ..loop import kept_epoch
 
         weights = state["best_model"]
         meta = json.loads((Path(trial_dir).parent / "tagger_vocab.json").read_text())
@@ -281,7 +284,8 @@ class Tagger(Task):
             "task": "tagger", "architecture": "BiLSTMTagger", "vocab_size": vocab_size,
             "embedding_dim": cfg.tagger.embedding_dim, "hidden_dim": cfg.tagger.hidden_dim,
             "dropout": cfg.tagger.dropout, "max_length": cfg.tagger.max_length, "num_tags": len(meta["tags"]),
-            "sweep": cfg.name, "trial_id": row["trial_id"], "val_acc": row.get("best_val_acc"),
+            "sweep": cfg.name, "trial_id": row["trial_id"], "metric": state.get("metric"),
+            "best_epoch": state.get("best_epoch"), "val_acc": kept_epoch(state).get("val_acc"),
             "test_acc": row.get("test_acc")})
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:

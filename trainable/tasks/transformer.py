@@ -283,7 +283,7 @@ class Transformer(Task):
     columns = {"arch": "hp:transformer.arch", "layers": "hp:transformer.n_layer", "heads": "hp:transformer.n_head",
                "head dim": "hp:transformer.d_head", "vocab size": "hp:transformer.vocab_size",
                "pretrain steps": "hp:transformer.pretrain_steps", "dropout": "hp:transformer.dropout",
-               "lr": "hp:train.lr", "Acc": "test_acc", "Val Acc": "best_val_acc", "Step": "@step",
+               "lr": "hp:train.lr", "Acc": "test_acc", "Val Acc": "@best", "Step": "@step",
                "Train Time": "@time", "Params": "params", "Size": "@size"}
 
     def check(self, cfg) -> None:
@@ -317,7 +317,8 @@ class Transformer(Task):
         for vocab, d in prepared["data"].items():
             write_text(tok_dir / f"vocab{vocab}.json", d.tokenizer_json)
 
-    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log):
+    def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
+              mode=None):
         from ..config import PretrainConfig
         from ..loop import _hparams, fit, resolve_device
         from ..pretrain import pretrain_encoder
@@ -344,7 +345,8 @@ class Transformer(Task):
         params, size_kb = count_params(model), state_dict_kb(model)
         model.to(device)
         job = TransformerJob(model, cfg, splits, device, extra)
-        return fit(job, epochs=cfg.train.epochs, metric="val_acc", mode="max", params=params, size_kb=size_kb,
+        metric, mode = self.objective(metric, mode)
+        return fit(job, epochs=cfg.train.epochs, metric=metric, mode=mode, params=params, size_kb=size_kb,
                    run_dir=run_dir, tb_dir=tb_dir, resume_from=resume_from, on_epoch=on_epoch,
                    keep_checkpoints=keep_checkpoints, log=log, seed=cfg.train.seed, weights_name="model.pt",
                    hparams=_hparams(c, cfg.train, vocab_size=data.vocab_size))
@@ -353,6 +355,7 @@ class Transformer(Task):
         from tokenizers import Tokenizer
 
         from ..io import write_json
+        from ..loop import kept_epoch
 
         if options.get("int8"):
             log("warning: --int8 applies to BiLSTM students only; the transformer is exported in float32")
@@ -366,7 +369,8 @@ class Transformer(Task):
         hf_tokenizer(tok_json, c.max_length).save_pretrained(out)
         write_json(out / "export.json", {
             "task": "transformer", "sweep": cfg.name, "trial_id": row["trial_id"],
-            "val_acc": row.get("best_val_acc"), "test_acc": row.get("test_acc"), "best_epoch": row.get("best_epoch"),
+            "metric": state.get("metric"), "val_acc": kept_epoch(state).get("val_acc"),
+            "test_acc": row.get("test_acc"), "best_epoch": state.get("best_epoch"),
             "params": row.get("params"), "max_length": c.max_length, "num_classes": cfg.data.num_classes,
             "transformer": c.model_dump(),
             "train": cfg.train.model_dump()})
