@@ -7,6 +7,8 @@
     sweep resume NAME|PATH               continue an interrupted sweep
     sweep report NAME|PATH               trials.parquet, report.md and plots
     sweep export NAME|PATH --out DIR     the best student, ready for `sweep predict` (--int8: a quantised copy too)
+                 [--trial ID|NUMBER]     that trial's student instead (Ray trial id or Optuna trial number)
+    sweep export NAME|PATH --pareto DIR  every student on the Pareto front, a sub-folder each, with index.json
     sweep predict DIR TEXT... | --file F labels for new text (a file, or - for stdin), one JSON line each
     sweep evaluate DIR FILE              accuracy, per-class precision/recall/F1, confusion matrix
     sweep tensorboard NAME|PATH          TensorBoard on 127.0.0.1
@@ -172,15 +174,24 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_best
+    from .config import ConfigError
+    from .export import export_best, export_pareto
     from .report import find_sweep
     from .runs import in_launch_dir
 
-    folder, out = find_sweep(args.target), Path(args.out).absolute()
+    if args.pareto is not None and args.trial is not None:
+        raise ConfigError("sweep export: --trial names one trial (with --out), --pareto exports the front; give one")
+    folder = find_sweep(args.target)
+    out = Path(args.pareto if args.pareto is not None else args.out).absolute()
     with in_launch_dir(folder, log):  # the stamped config's relative paths (e.g. the corpus) mean what they meant
+        if args.pareto is not None:
+            out, index = export_pareto(folder, out, force=args.force, log=log, int8=args.int8,
+                                       allow_task_code=args.allow_task_code)
+            log(f"exported the {len(index)} trials of the Pareto front to {out} (index.json lists them)")
+            return 0
         out = export_best(folder, out, force=args.force, log=log, int8=args.int8,
-                          allow_task_code=args.allow_task_code)
-    log(f"exported the best trial to {out}")
+                          allow_task_code=args.allow_task_code, trial=args.trial)
+    log(f"exported {'the best trial' if args.trial is None else 'trial ' + args.trial} to {out}")
     return 0
 
 
@@ -307,9 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_task_code(sp)
     sp.set_defaults(func=cmd_report)
 
-    sp = sub.add_parser("export", help="export the best student")
+    sp = sub.add_parser("export", help="export the best student, one trial's, or the Pareto front's")
     sp.add_argument("target", help="sweep name (under results/) or folder")
-    sp.add_argument("--out", required=True, help="folder to write")
+    where = sp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="folder to write")
+    where.add_argument("--pareto", metavar="DIR", help="export every trial on the Pareto front, one sub-folder "
+                       "each, with index.json (trial, folder, objective values)")
+    sp.add_argument("--trial", metavar="ID|NUMBER", help="export this trial (Ray trial id, or Optuna trial "
+                    "number) instead of the best")
     sp.add_argument("--force", action="store_true", help="replace an existing folder")
     sp.add_argument("--int8", action="store_true",
                     help="also write student.int8.ts (LSTM and Linear weights dynamically quantised to int8)")

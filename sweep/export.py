@@ -125,17 +125,89 @@ def _refuse_out(folder: Path, out: Path, results_dir: Path) -> None:
         raise ConfigError(f"--out {out}: is a sweep folder or holds sweeps; give a new folder")
 
 
-def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
-                int8: bool = False, allow_task_code: bool = False) -> Path:
+def _trial_row(folder: Path, rows: list[dict], ranked: list[dict], trial: str | None) -> dict:
+    """The row to export: the best (`trial` None), else the trial of that Ray id or, failing that, of that Optuna
+    trial number. One line naming what is wrong otherwise."""
+    from .report import STATUS_FAILED
+
+    if trial is None:
+        if not ranked:
+            raise ConfigError(f"{folder}: no successful trial to export")
+        return ranked[0]
+    row = next((r for r in rows if r["trial_id"] == trial), None)
+    if row is None and trial.isdigit():
+        row = next((r for r in rows if r.get("optuna_number") == int(trial)), None)
+    if row is None:
+        known = ", ".join(r["trial_id"] + (f" (#{r['optuna_number']})" if r.get("optuna_number") is not None else "")
+                          for r in rows[:8]) + (" ..." if len(rows) > 8 else "")
+        raise ConfigError(f"--trial {trial}: no such trial in {folder} (a Ray trial id or an Optuna trial number; "
+                          f"it has: {known or 'none'})")
+    if row["status"] == STATUS_FAILED:
+        raise ConfigError(f"--trial {trial}: trial {row['trial_id']} failed ({row['error']}); nothing to export")
+    return row
+
+
+def _sweep_trials(folder: Path, out: Path, allow_task_code: bool):
     cfg = load_sweep_config(folder, allow_task_code)  # a task module the folder names runs only when allowed
     _refuse_out(folder, out, Path(cfg.results_dir))
     metric, mode = metric_of(cfg)
-    ranked = _ranked(collect_trials(folder, cfg), metric, mode)
-    if not ranked:
-        raise ConfigError(f"{folder}: no successful trial to export")
+    rows = collect_trials(folder, cfg)
+    return cfg, metric, mode, rows, _ranked(rows, metric, mode)
+
+
+def _check_replace(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out}: exists; pass --force to replace it")
-    best = ranked[0]
+
+
+def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
+                int8: bool = False, allow_task_code: bool = False, trial: str | None = None) -> Path:
+    """The best search trial's student (or, with `trial`, that trial's: a Ray trial id or an Optuna trial number)
+    into the folder `out`, replaced whole."""
+    cfg, metric, _, rows, ranked = _sweep_trials(folder, out, allow_task_code)
+    row = _trial_row(folder, rows, ranked, trial)
+    _check_replace(out, force)
+    with atomic_dir(out) as tmp:
+        _write_export(folder, cfg, metric, row, tmp, log, int8=int8)
+    return out
+
+
+def export_pareto(folder: Path, out: Path, force: bool = False, log: Callable[[str], None] = print, *,
+                  int8: bool = False, allow_task_code: bool = False) -> tuple[Path, list[dict]]:
+    """Every trial on the sweep's Pareto front (the report's: `report.front_members`), each exported into its own
+    sub-folder of `out` (named by its trial id), with `index.json` listing trial, folder and objective values,
+    smallest first. `out` is replaced whole, only once every member is written."""
+    from .report import front_members
+
+    cfg, metric, mode, _, ranked = _sweep_trials(folder, out, allow_task_code)
+    second = SECOND_OBJECTIVE.get(cfg.sweep.objectives, "params")
+    front = front_members(ranked, metric, mode, second)
+    if not front:
+        raise ConfigError(f"{folder}: no Pareto front to export (no successful trial with {metric} and {second})")
+    _check_replace(out, force)
+    index = []
+    with atomic_dir(out) as tmp:
+        for row in front:
+            sub = tmp / row["trial_id"]
+            sub.mkdir()
+            _write_export(folder, cfg, metric, row, sub, log, int8=int8)
+            index.append({"trial": row["trial_id"], "optuna_number": row.get("optuna_number"), "folder": sub.name,
+                          "values": {f"best_{metric}": row[f"best_{metric}"], second: row[second]},
+                          **({cfg.task_def.test_key: row.get(cfg.task_def.test_key)} if cfg.task_def.test_key
+                             else {})})
+        write_json(tmp / "index.json", {"sweep": cfg.name, "objectives": [f"best_{metric} ({mode})",
+                                                                          f"{second} (min)"], "members": index})
+    return out, index
+
+
+# The second objective of a multi-objective sweep, as a column of the trial rows (single-objective: the report's
+# front is over parameters).
+SECOND_OBJECTIVE = {"accuracy": "params", "accuracy_and_size": "params"}
+
+
+def _write_export(folder: Path, cfg, metric: str, best: dict, tmp: Path, log: Callable[[str], None], *,
+                  int8: bool) -> None:
+    """One trial's export into the (empty, temporary) folder `tmp`."""
     trial_dir = folder / best["trial_dir"]
     params = json.loads((trial_dir / "params.json").read_text())
     tcfg = config_from_trial(cfg.model_dump(exclude={"sweep"}), params)
@@ -145,9 +217,8 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
         log(f"warning: trial {best['trial_id']} kept its best weights by {kept_by}, not the sweep's {metric}: the "
             f"export holds its best-{kept_by} epoch ({state.get('best_epoch')})")
     if cfg.task != "classify":  # the task's own export format
-        with atomic_dir(out) as tmp:
-            cfg.task_def.export(trial_dir, tcfg, best, tmp, log, state=state, int8=int8)
-        return out
+        cfg.task_def.export(trial_dir, tcfg, best, tmp, log, state=state, int8=int8)
+        return
     weights = state["best_model"]
     vocab = tcfg.tokenizer.vocab_size
     tok_src = folder / "tokenizers" / f"vocab{vocab}.json"
@@ -160,29 +231,28 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
         "embedding_dim": tcfg.student.embedding_dim, "hidden_dim": tcfg.student.hidden_dim,
         "num_layers": tcfg.student.num_layers, "dropout": tcfg.student.dropout, "num_classes": cfg.data.num_classes,
         "max_length": tcfg.tokenizer.max_length, "sweep": cfg.name, "trial_id": best["trial_id"],
+        "optuna_number": best.get("optuna_number"),
         "metric": kept_by, f"best_{kept_by}": state.get("best", state.get("best_val_acc")),
         "best_epoch": state.get("best_epoch"), "val_acc": kept_epoch(state).get("val_acc"),
         "test_acc": best["test_acc"],
         "params": best["params"], "hyperparameters": params,
     }
-    with atomic_dir(out) as tmp:
-        torch.save(weights, tmp / "student.pt")
-        shutil.copyfile(tok_src, tmp / "tokenizer.json")
-        if tcfg.student.num_layers == 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(PortableBiLSTM(model).eval(), _example_batch())
-            traced.save(str(tmp / "student.ts"))
-            _export_onnx(PortableBiLSTM(model).eval(), tmp / "student.onnx", log)
-            if int8:
-                quantized = quantize_int8(PortableBiLSTM(model).eval())
-                quantized.save(str(tmp / "student.int8.ts"))
-                meta["int8"] = _int8_val_change(tcfg.data, tok_src, tcfg.tokenizer.max_length, model, quantized, log)
-        else:
-            log("warning: TorchScript, ONNX and int8 copies are made for one-layer students only; "
-                "wrote student.pt alone")
-        write_json(tmp / "config.json", meta)
-    return out
+    torch.save(weights, tmp / "student.pt")
+    shutil.copyfile(tok_src, tmp / "tokenizer.json")
+    if tcfg.student.num_layers == 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(PortableBiLSTM(model).eval(), _example_batch())
+        traced.save(str(tmp / "student.ts"))
+        _export_onnx(PortableBiLSTM(model).eval(), tmp / "student.onnx", log)
+        if int8:
+            quantized = quantize_int8(PortableBiLSTM(model).eval())
+            quantized.save(str(tmp / "student.int8.ts"))
+            meta["int8"] = _int8_val_change(tcfg.data, tok_src, tcfg.tokenizer.max_length, model, quantized, log)
+    else:
+        log("warning: TorchScript, ONNX and int8 copies are made for one-layer students only; "
+            "wrote student.pt alone")
+    write_json(tmp / "config.json", meta)
 
 
 def load_exported(model_dir: Path) -> tuple[BiLSTMClassifier, object, dict]:

@@ -17,6 +17,7 @@ from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .counts import is_finished
+from .samplers import RAY_TRIAL_ATTR
 from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
 
 
@@ -111,6 +112,13 @@ class KDOptunaSearch(OptunaSearch):
     def __init__(self, *args, max_epochs: int, **kwargs):
         self._max_epochs = max_epochs
         super().__init__(*args, **kwargs)
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:  # the study names its Ray trial: `sweep export --trial NUMBER` goes by it
+            ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric) if isinstance(self.metric, str) else None

@@ -114,6 +114,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
     metric, mode = metric_of(cfg)
     test_key = cfg.task_def.test_key
     statuses = _ray_statuses(folder)
+    numbers = optuna_numbers(folder)
     rows, left_out = [], []
     for params_file in sorted(folder.glob("*/params.json")):
         tdir = params_file.parent
@@ -158,7 +159,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
         wall = (results[-1].get("time_total_s") if results else None)
         nodes = list(dict.fromkeys(r["node_ip"] for r in results if r.get("node_ip")))  # in order of use
         rows.append({
-            "trial_id": trial_id, "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
+            "trial_id": trial_id, "optuna_number": numbers.get(trial_id), "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
             "kd_role": params.get("kd_role", "search"), "kd_of": params.get("kd_of"),
             **{f"hp.{k}": v for k, v in params.items() if k not in ("kd_role", "kd_of")},
             f"final_{metric}": last.get(metric),
@@ -174,6 +175,25 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
             f"know (started by a driver that died before saving it; a resumed sweep runs them again under new "
             f"ids): {', '.join(left_out)}")
     return rows
+
+
+def optuna_numbers(folder: Path) -> dict[str, int]:
+    """Ray trial id -> Optuna trial number, from the study's user attrs (the searcher sets them; a sweep run before
+    that has none). Read with sqlite, not by loading the study, so it works without the study's name."""
+    import sqlite3
+
+    from .samplers import RAY_TRIAL_ATTR
+
+    db = folder / "optuna.db"
+    if not db.is_file():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            found = conn.execute("select t.number, a.value_json from trial_user_attributes a join trials t "
+                                 "on t.trial_id = a.trial_id where a.key = ?", (RAY_TRIAL_ATTR,)).fetchall()
+    except sqlite3.Error:
+        return {}
+    return {json.loads(value): int(number) for number, value in found}
 
 
 def _resolved(cfg: Config, row: dict, key: str):
@@ -261,6 +281,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not any((a >= acc and s <= size) and (a > acc or s < size) for j, (a, s) in enumerate(points) if j != i):
             front.append(i)
     return front
+
+
+def front_members(ranked: list[dict], metric: str, mode: str, second: str = "params") -> list[dict]:
+    """The ranked trials on the Pareto front of (`metric` in its mode, `second` down), smallest `second` first;
+    empty when a trial lacks `second`. The report's front line, its plot and `sweep export --pareto` all use it."""
+    if not ranked or not all(isinstance(r.get(second), (int, float)) for r in ranked):
+        return []
+    sign = 1 if mode == "max" else -1
+    front = pareto_front([(sign * r[f"best_{metric}"], r[second]) for r in ranked])
+    return sorted((ranked[i] for i in front), key=lambda r: (r[second], r["trial_id"]))
 
 
 def write_trials_parquet(folder: Path, rows: list[dict]) -> Path:
@@ -457,12 +487,13 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
         except Exception:
             pass
         lines.append(f"- edge of the search space: {'yes, ' + '; '.join(edge) + ' (widen the space)' if edge else 'no'}")
-        sign = 1 if mode == "max" else -1
-        if all(r["params"] is not None for r in ranked):
-            front = [ranked[i] for i in pareto_front([(sign * r[best_key], r["params"]) for r in ranked])]
+        front = front_members(ranked, metric, mode)
+        if front:
             lines.append(f"- Pareto front ({metric} {'up' if mode == 'max' else 'down'}, parameters down): " + ", ".join(
-                f"{r['trial_id']} ({_fmt(r[best_key])}, {r['params']} params)"
-                for r in sorted(front, key=lambda r: r["params"])))
+                f"{r['trial_id']} ({_fmt(r[best_key])}, {r['params']} params)" for r in front))
+        lines.append(f"- export the best: `sweep export {folder} --out DIR`; any trial: `--trial ID|NUMBER` "
+                     f"(Ray trial id or Optuna trial number)"
+                     + (f"; the front ({len(front)} trials): `sweep export {folder} --pareto DIR`" if front else ""))
     fin = finalists(rows, cfg, folder)
     if fin:
         def acc_cell(accs):

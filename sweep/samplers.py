@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 
 SAMPLERS = ("tpe", "random", "grid", "qmc", "gp")
+RAY_TRIAL_ATTR = "ray_trial_id"  # the user attr of an Optuna trial that names its Ray trial (set by the searcher)
 
 
 class SweepGridSampler(optuna.samplers.GridSampler):
