@@ -11,7 +11,6 @@ pads to the longest of similar-length reviews instead of the longest in the file
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import shutil
@@ -21,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+from trainable.cost import example_batch, quantize_int8
 from trainable.tasks import config_from_trial
 from trainable.io import atomic_dir, write_json
 from trainable.loop import CheckpointError, kept_epoch, load_checkpoint, trial_checkpoints
@@ -46,9 +45,7 @@ RUNTIMES = ("eager", "torchscript", "int8", "onnx")
 RUNTIME_FILES = {"torchscript": "student.ts", "int8": "student.int8.ts", "onnx": "student.onnx"}
 
 
-def _example_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """A right-padded batch of two reviews for tracing: tokens (2, 4) int64, lengths (2,) int64."""
-    return torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), torch.tensor([3, 4])
+_example_batch = example_batch  # (the name before trainable/cost.py)
 
 
 def _export_onnx(portable: PortableBiLSTM, path: Path, log: Callable[[str], None]) -> bool:
@@ -69,16 +66,6 @@ def _export_onnx(portable: PortableBiLSTM, path: Path, log: Callable[[str], None
                                         "logits": {0: "batch"}}, **kwargs)
     onnx.checker.check_model(str(path))
     return True
-
-
-def quantize_int8(portable: PortableBiLSTM) -> torch.jit.ScriptModule:
-    """A TorchScript copy with the LSTM and Linear weights dynamically quantised to int8 (activations stay float,
-    quantised on the fly per batch); the embedding stays float32."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao; it still works
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(portable), {nn.LSTM, nn.Linear},
-                                                           dtype=torch.qint8)
-        return torch.jit.trace(quantized.eval(), _example_batch())
 
 
 def _int8_val_change(data_cfg, tok_path: Path, max_length: int, fp32, int8,

@@ -20,6 +20,9 @@ from trainable.io import atomic_path, write_text
 from .config import ConfigError, Config, metric_of, validate
 from .counts import is_finished
 
+# The serving cost a trial measured (trainable/cost.py): ms per review at batch 1 and per batch of 64, fp32 and int8,
+# and the exported files' KiB.
+COST_KEYS = ("latency_ms", "latency_b64_ms", "latency_int8_ms", "latency_int8_b64_ms", "export_kb", "export_int8_kb")
 STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE = "finished", "stopped_early", "failed", "incomplete"
 
 
@@ -167,6 +170,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
             **({test_key: last.get(test_key)} if test_key else {}), "best_epoch": last.get("best_epoch"),
             "epochs": epochs,
             "stopped_early": status == STATUS_STOPPED, "params": last.get("params"), "size_kb": last.get("size_kb"),
+            **{k: last.get(k) for k in (*COST_KEYS, "cost_time_s") if k in last},
             "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
             f"{metric}_curve": curve,
         })

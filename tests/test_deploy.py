@@ -110,3 +110,19 @@ def test_pareto_export_holds_every_front_member_with_its_own_student(deploy_swee
     report = (deploy_sweep["folder"] / "report.md").read_text()
     assert f"sweep export {deploy_sweep['folder']} --pareto DIR" in report
     assert "--trial ID|NUMBER" in report
+
+
+def test_every_finished_trial_records_its_serving_cost(deploy_sweep):
+    """ms per review (batch 1) and per batch of 64, fp32 and int8, and the exported files' KiB, measured in the trial
+    (trainable/cost.py), reach trials.parquet and the report's table."""
+    from sweep.report import COST_KEYS
+
+    for row in deploy_sweep["rows"].values():
+        assert row["status"] == "finished"
+        assert all(isinstance(row.get(k), float) and row[k] > 0 for k in COST_KEYS), row
+        assert row["latency_b64_ms"] > row["latency_ms"]  # 64 reviews take longer than one
+    small, big = (sorted(deploy_sweep["rows"].values(), key=lambda r: r["params"])[i] for i in (0, -1))
+    assert big["export_kb"] > small["export_kb"]
+    header = next(ln for ln in (deploy_sweep["folder"] / "report.md").read_text().splitlines()
+                  if ln.startswith("| Rank"))
+    assert "ms/review" in header and "Export KB" in header

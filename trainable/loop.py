@@ -285,7 +285,7 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
     device = next(model.parameters()).device
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     start_epoch, best, best_epoch, test_scores, train_time, samples = 1, None, 0, {}, 0.0, 0
-    best_state, history = None, []
+    best_state, history, cost = None, [], None
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         model.load_state_dict(state["model"])
@@ -335,6 +335,12 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
                     test_scores = job.evaluate("test")
             if lr is not None:
                 m["lr"] = lr
+            if cost is None and best_state is not None and hasattr(job, "cost"):
+                # Once per run, on the best weights so far: a trial stopped early has it too (see trainable/cost.py)
+                t_cost = time.perf_counter()
+                cost = job.cost(best_state)
+                cost["cost_time_s"] = time.perf_counter() - t_cost
+            m.update(cost or {})
             m.update({f"best_{metric}": best, "best_epoch": best_epoch,
                       **{f"test_{k}": v for k, v in test_scores.items()},
                       "samples_per_s": samples / epoch_time, "train_time_s": train_time, "params": params,
@@ -434,6 +440,12 @@ class StudentJob(Job):
     def evaluate(self, split: str) -> dict[str, float]:
         acc, loss = evaluate(self.model, getattr(self.data, split), self.cfg.eval_batch_size, self.eval_padded[split])
         return {"acc": acc, "loss": loss}
+
+    def cost(self, weights: dict) -> dict[str, float]:
+        """Serving cost of `weights` as exported (trainable/cost.py), at the longest training review's length."""
+        from .cost import measure_cost
+
+        return measure_cost(weights, self.model, self.padded.shape[1])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}

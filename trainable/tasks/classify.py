@@ -51,7 +51,8 @@ class Classify(Task):
     columns = {"vocab size": "hp:tokenizer.vocab_size", "hidden dim": "hp:student.hidden_dim",
                "embedding dim": "hp:student.embedding_dim", "loss rate": "hp:train.alpha",
                "temperature": "hp:train.temperature", "Acc": "test_acc", "Val Acc": "@best", "Step": "@step",
-               "Train Time": "@time", "step_size": "hp:train.step_size", "Params": "params", "Size": "@size"}
+               "Train Time": "@time", "step_size": "hp:train.step_size", "Params": "params", "Size": "@size",
+               "ms/review": "latency_ms", "ms/64 int8": "latency_int8_b64_ms", "Export KB": "export_kb"}
 
     plan_keys = ("tokenizer.vocab_size", "student.embedding_dim", "student.hidden_dim", "student.num_layers",
                  "train.batch_size", "train.alpha", "data.transfer_rows", "tokenizer.max_length",
