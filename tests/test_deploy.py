@@ -4,6 +4,8 @@ folders on the sweep's own test rows against each trial's recorded test accuracy
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -108,6 +110,13 @@ def test_pareto_export_holds_every_front_member_with_its_own_student(deploy_swee
         assert json.loads((out / m["folder"] / "config.json").read_text())["trial_id"] == m["trial"]
         assert _right(out / m["folder"], test_rows_tsv) == round(row["test_acc"] * test_rows_tsv[1])
     report = (deploy_sweep["folder"] / "report.md").read_text()
+    # The report's front line names the same front; Optuna's study holds both objectives for every trial; the
+    # smallest student is always on the front (these checks had a sweep of their own in test_faults.py).
+    front_line = next(ln for ln in report.splitlines() if ln.startswith("- Pareto front"))
+    assert set(re.findall(r"(\w+) \([0-9.]+, \d+ params\)", front_line)) == expected, front_line
+    assert min(rows, key=lambda row: row["params"])["trial_id"] in expected
+    with sqlite3.connect(deploy_sweep["folder"] / "optuna.db") as db:
+        assert db.execute("select count(distinct objective), count(*) from trial_values").fetchone() == (2, 2 * len(rows))
     assert f"sweep export {deploy_sweep['folder']} --pareto DIR" in report
     assert "--trial ID|NUMBER" in report
 
