@@ -359,6 +359,13 @@ _NOT_ATOMIC_ON_PURPOSE = {
         "Ray's Searcher.save: Ray names a temporary file, renames it, and copies it to storage through AtomicLocalFS",
     ("sweep/export.py", "_export_onnx", "export"):
         "writes the path it is given; its only caller passes a file inside export's atomic_dir",
+    ("sweep/export.py", "_write_export", "save"):
+        "writes into the folder it is given: its callers pass export_best's atomic_dir temporary (or a member's "
+        "folder inside the --pareto export's atomic_dir)",
+    ("sweep/export.py", "_write_export", "copyfile"):
+        "copies the tokenizer into the same atomic_dir temporary",
+    ("trainable/cost.py", "_saved_kb", "save"):
+        "saves into an in-memory buffer (io.BytesIO) to count the exported size: no file is written",
     ("trainable/tasks/transformer.py", "export", "save_pretrained"):
         "Hugging Face writes a folder of files into the folder it is given: export_best's atomic_dir temporary",
 }

@@ -67,7 +67,15 @@ def measure_cost(weights: dict, model: BiLSTMClassifier, length: int, *, batch: 
                  warmup: int = 3) -> dict[str, float]:
     """ms per review at batch 1 (`latency_ms`), ms per batch of `batch` (`latency_b64_ms`), the same for the int8
     copy (one-layer students), and the exported files' sizes in KiB (`export_kb`: student.ts, or student.pt for
-    a deeper student; `export_int8_kb`), for `weights` loaded into a CPU copy of `model`; one torch thread."""
+    a deeper student; `export_int8_kb`), for `weights` loaded into a CPU copy of `model`; one torch thread.
+    Leaves the random state as it found it (the portable copy's layers draw initial weights), so a trial that
+    measures is the same trial, epoch for epoch, as one resumed past the measurement."""
+    with torch.random.fork_rng(devices=[]):
+        return _measure_cost(weights, model, length, batch=batch, repeats=repeats, warmup=warmup)
+
+
+def _measure_cost(weights: dict, model: BiLSTMClassifier, length: int, *, batch: int, repeats: int,
+                  warmup: int) -> dict[str, float]:
     cpu = copy.deepcopy(model).to("cpu").eval()
     cpu.load_state_dict(weights)
     threads = torch.get_num_threads()
