@@ -152,7 +152,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # The victim: a worker whose trial (Ray runs each trial in its own working folder, trial_<id>) has checkpointed
-    # 1 to 3 of its 5 epochs, so it has a checkpoint to be retried from and epochs left to train. (Checkpoints reach
+    # 2 to 3 of its 5 epochs, so it has a checkpoint to be retried from and epochs left to train. (Checkpoints reach
     # storage as the trial writes them; result rows only with Ray's next state copy, which can come too late.)
     victim: dict = {}
 
@@ -160,7 +160,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
         for pid in _tree(proc.pid):
             trial = _cwd_trial(pid) if "ImplicitFunc" in _cmdline(pid) else None
             done = _newest_checkpoint_epoch(folder / f"trial_{trial}") if trial else 0
-            if 1 <= done <= 3:
+            if 2 <= done <= 3:
                 victim.update(pid=pid, trial=trial, epochs=list(range(1, done + 1)))
                 return True
         return False
@@ -179,9 +179,14 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
     # epochs 1..k twice. (Ray's copy of result.json can miss the row of an epoch reported just before the kill.)
     steps = _tb_steps(folder / f"trial_{victim['trial']}" / "tb", "val/acc")
     assert len(list((folder / f"trial_{victim['trial']}" / "tb").glob("events.*"))) == 2  # killed, then retried
-    assert sorted(steps) == [1, 2, 3, 4, 5], (victim, steps)
+    # A checkpoint counts for Ray once its report reaches the driver: the newest one, written just before the kill,
+    # may still be in flight, and the retry then starts from the one before it (its epoch is trained twice). A
+    # restart from scratch would repeat epoch 1, which the victim (killed after >= 2 checkpoints) never does.
+    last = victim["epochs"][-1]
+    assert sorted(steps) in ([1, 2, 3, 4, 5], sorted([1, 2, 3, 4, 5, last])), (victim, steps)
     after_kill = set(range(victim["epochs"][-1] + 1, 6))
-    assert epochs == sorted(set(epochs)) and epochs[-1] == 5 and set(epochs) >= after_kill, (victim, epochs)
+    assert epochs[-1] == 5 and set(epochs) >= after_kill, (victim, epochs)
+    assert all(epochs.count(e) == 1 for e in epochs if e != last), (victim, epochs)  # (the in-flight one, see above)
     assert "recovered after:" in (retried[0]["warnings"] or ""), retried[0]  # the death is kept, as a warning
 
 
