@@ -132,11 +132,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import check_writable, load_config
     from .tuner import run_sweep
-
-    if not args.resume or args.force:
-        check_writable(load_config(args.config, args.set)[0])
 
     return run_sweep(args.config, args.set, force=args.force, resume=args.resume, address=args.address, log=log)
 

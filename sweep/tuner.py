@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, load_config, load_space_for, metric_of
+from .config import Config, ConfigError, check_writable, load_config, load_space_for, metric_of
 from .counts import finalist_count, num_samples
 from .runs import Claim, StorageError, stamp
 
@@ -213,6 +213,8 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     if space is None:
         raise ConfigError(f"{config_path}: sweep.space: required key is missing (a search-space file or mapping)")
     folder = Path(cfg.results_dir) / cfg.name
+    if not (resume and (folder / "tuner.pkl").exists()):
+        check_writable(cfg)  # before the teacher trains, not when it is saved
     if resume and (folder / "tuner.pkl").exists():
         # The config the user runs names the task: a task module the stamped config names is theirs if it is the same.
         return resume_sweep(str(folder), address=address, log=log,
