@@ -105,6 +105,24 @@ def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
         return
 
 
+def _nodes(tdir: Path, by_epoch: dict[int, dict]) -> list[str]:
+    """The nodes a trial's epochs ran on, in order of use. Ray's rows say it (`node_ip`), and so does the trial's own
+    record (trainable/adapter.py `WHERE`), which reaches storage as each epoch ends: epochs filled from the checkpoint
+    because their rows never arrived have only that one."""
+    where: dict[int, str] = {}
+    if (tdir / "where.jsonl").is_file():
+        for ln in (tdir / "where.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+                where[int(rec["epoch"])] = rec["node_ip"]  # a retried epoch: the last run of it counts
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass  # a line cut by a crash
+    for e, r in by_epoch.items():
+        if r.get("node_ip"):
+            where.setdefault(e, r["node_ip"])
+    return list(dict.fromkeys(where[e] for e in sorted(where) if e in by_epoch))
+
+
 def _best_of(values: list, mode: str):
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return (max(finite) if mode == "max" else min(finite)) if finite else None
@@ -160,7 +178,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
         else:
             status = STATUS_STOPPED if epochs > 0 else STATUS_INCOMPLETE
         wall = (results[-1].get("time_total_s") if results else None)
-        nodes = list(dict.fromkeys(r["node_ip"] for r in results if r.get("node_ip")))  # in order of use
+        nodes = _nodes(tdir, by_epoch)
         rows.append({
             "trial_id": trial_id, "optuna_number": numbers.get(trial_id), "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
             "kd_role": params.get("kd_role", "search"), "kd_of": params.get("kd_of"),

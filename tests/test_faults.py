@@ -351,6 +351,8 @@ _WRITERS = {"open", "write_text", "write_bytes", "touch", "save", "save_pretrain
 _NOT_ATOMIC_ON_PURPOSE = {
     ("trainable/adapter.py", "_warn", "open"):
         "appends one line to the trial's warnings.txt, a log for people; a crash can cut only its last line",
+    ("trainable/adapter.py", "_record_where", "open"):
+        "appends one line per epoch to the trial's where.jsonl; the report skips a line a crash cut",
     ("trainable/adapter.py", "task_trainable", "write_text"):
         "the .not_retryable marker: its existence is the signal (the retry fails at once); a cut write shortens only "
         "the reason it repeats",

@@ -231,6 +231,11 @@ def test_report_fills_result_rows_lost_with_a_storage_failure_from_the_checkpoin
     rfile.write_text("\n".join(rfile.read_text().splitlines()[1:]) + "\n")  # epoch 1's row is gone
     after = {r["trial_id"]: r["val_acc_curve"] for r in collect_trials(folder, cfg)}
     assert after == before and len(after[finished["trial_id"]]) == 3
+    # None of its rows arrived (its node died first, say): where it ran still comes from the trial's own record.
+    assert finished["nodes"] == "127.0.0.1"
+    rfile.write_text("")
+    again = next(r for r in collect_trials(folder, cfg) if r["trial_dir"] == finished["trial_dir"])
+    assert again["val_acc_curve"] == before[finished["trial_id"]] and again["nodes"] == "127.0.0.1", again
 
 
 def _study_params(db_path: Path, n: int) -> list[dict]:

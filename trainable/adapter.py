@@ -21,10 +21,13 @@ Failure rules:
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import ray
 
 from pydantic import ValidationError
 from ray import tune
@@ -34,12 +37,22 @@ from .loop import CheckpointError, NonFiniteLossError, load_checkpoint, trial_ch
 from .tasks import config_from_trial, train_task
 
 NOT_RETRYABLE = ".not_retryable"  # marker file in the trial folder: the reason a retry cannot help
+WHERE = "where.jsonl"  # in the trial folder: one line per epoch, the node it ran on (see `_record_where`)
 
 
 def _warn(trial_dir: Path, msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
     with open(trial_dir / "warnings.txt", "a") as f:
         f.write(msg + "\n")
+
+
+def _record_where(trial_dir: Path, epoch: int) -> None:
+    """Where this epoch ran, appended to the trial folder in shared storage once its report (and checkpoint) is
+    with Ray, so an epoch appears twice only if it was trained twice after being saved. Ray's result.json has a
+    node_ip per row too, but it reaches storage only now and then (copied in the background): when the node dies
+    first, the report fills those epochs from the checkpoint's history, which knows nothing of nodes."""
+    with open(trial_dir / WHERE, "a") as f:
+        f.write(json.dumps({"epoch": epoch, "node_ip": ray.util.get_node_ip_address()}) + "\n")
 
 
 def _restore_point(trial_dir: Path) -> Path | None:
@@ -107,6 +120,7 @@ def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: i
 
     def report(m: dict, ckpt: Path | None) -> None:
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+        _record_where(trial_dir, int(m["epoch"]))
         if ckpt is not None:
             _prune_checkpoints(trial_dir, keep_checkpoints)
 
