@@ -40,8 +40,14 @@ def nsmc_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache for the whole session, so the tiny teacher is trained once."""
-    return tmp_path_factory.mktemp("kd-cache")
+    """One cache for the whole run, shared by pytest-xdist's workers (their base folders are siblings), so the
+    tiny teacher, its logits and the planner's timings are made once, not once per worker. The cache is
+    content-addressed and every file in it is written under a temporary name and renamed: two workers making the
+    same entry at once both write it whole, and the last rename wins."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "kd-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def small_config(nsmc_dir: Path, cache_dir: Path, results_dir: Path, **sections) -> dict:
