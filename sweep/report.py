@@ -248,7 +248,7 @@ def _ranked(rows: list[dict], metric: str = "val_acc", mode: str = "max", *, fea
 
 
 def constraint_misses(cfg: Config, row: dict) -> str:
-    """The constraints a trial does not meet, e.g. "latency_ms 1.32 > 1, export_kb - (not measured)"."""
+    """The constraints a trial does not meet, e.g. "latency_ms 1.32 > 1, export_int8_kb not measured"."""
     out = []
     for key, over in constraint_values(cfg.sweep.constraints, row).items():
         if over > 0:
@@ -476,8 +476,9 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     second = SECOND_OBJECTIVE[cfg.sweep.objectives]
     rows = collect_trials(folder, cfg, log)
     ranked = _ranked(rows, metric, mode)
+    rank = {id(r): i for i, r in enumerate(ranked, 1)}
     for r in rows:  # the report table's rank: 1 is the best (feasible) trial; None: not ranked
-        r["rank"] = ranked.index(r) + 1 if r in ranked else None
+        r["rank"] = rank.get(id(r))
     write_trials_parquet(folder, rows)
     plots = _plots(folder, rows, metric, mode, log, second)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in
@@ -531,7 +532,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
             line += (f"; the best infeasible: trial {top['trial_id']}, {metric} {_fmt(top[best_key])}"
                      + (f", {test_key} {_fmt(top.get(test_key))}" if test_key else "")
                      + f" ({constraint_misses(cfg, top)})"
-                     + (f", {_fmt(top[best_key] - ranked[0][best_key])} {metric} beyond the best feasible"
+                     + (f", {_fmt(abs(top[best_key] - ranked[0][best_key]))} {metric} beyond the best feasible"
                         if beats else ""))
         lines.append(line)
         if not ranked and ran:
