@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from trainable.config import ExperimentConfig, Section, validation_problem, yaml_load
 from trainable.config import set_dotted as _set_dotted
@@ -73,7 +74,12 @@ class ResourcesSection(Section):
 class SweepSection(Section):
     space: Optional[str | dict] = None  # a search-space YAML (path, relative to this config) or one inline
     searcher: Literal["tpe", "random", "grid", "qmc", "gp"] = "tpe"
-    objectives: Literal["accuracy", "accuracy_and_size"] = "accuracy"  # the second: the metric, and params down
+    # accuracy: the sweep's metric alone; accuracy_and_size / accuracy_and_latency: a Pareto front of the metric and
+    # the parameter count / the measured ms per review (latency_ms), both down
+    objectives: Literal["accuracy", "accuracy_and_size", "accuracy_and_latency"] = "accuracy"
+    # {measure: limit}: a trial is feasible when every measure (a key of its results that the task names in
+    # `measures`, e.g. latency_ms, export_kb, size_kb) is at most its limit; "the best" is the best feasible trial
+    constraints: dict[str, PositiveFloat] = {}
     metric: Optional[str] = None  # one of the task's metrics (classify: val_acc, val_loss); None: the task's first
     seed: int = 0
     num_samples: Optional[PositiveInt] = None  # None: 16, or the grid's size for a grid search
@@ -101,6 +107,17 @@ class Config(ExperimentConfig):
         if task is not None and self.sweep.metric is not None and self.sweep.metric not in task.metrics:
             raise ValueError(f"sweep.metric: task {self.task} has no metric {self.sweep.metric!r} "
                              f"(it reports: {', '.join(task.metrics)})")
+        if task is not None:
+            measures = ", ".join(task.measures)
+            for key in self.sweep.constraints:
+                if key in task.metrics:
+                    raise ValueError(f"sweep.constraints.{key}: {key} is a metric (what the sweep optimizes), not a "
+                                     f"cost; a constraint limits one of: {measures}")
+                if key not in task.measures:
+                    raise ValueError(f"sweep.constraints.{key}: unknown measure; task {self.task} measures: {measures}")
+            if self.sweep.objectives == "accuracy_and_latency" and "latency_ms" not in task.measures:
+                raise ValueError(f"sweep.objectives: accuracy_and_latency needs latency_ms, which task {self.task} "
+                                 f"does not measure (it measures: {measures})")
         return self
 
 
@@ -109,6 +126,11 @@ def metric_of(cfg: Config) -> tuple[str, str]:
     task = cfg.task_def
     metric = cfg.sweep.metric or task.metric
     return metric, task.mode(metric)
+
+
+# The second objective of each `sweep.objectives`, as a key of the trial's results (minimised). A single-objective
+# sweep's report still shows the front over parameters.
+SECOND_OBJECTIVE = {"accuracy": "params", "accuracy_and_size": "params", "accuracy_and_latency": "latency_ms"}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

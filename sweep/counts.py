@@ -2,6 +2,7 @@
 the GPU sizing and the report count with. No Ray here."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .config import Config
@@ -19,6 +20,25 @@ def is_finished(epochs, max_epochs: int, *, failed: bool = False) -> bool:
     sooner without failing was stopped early (ASHA). The one definition that the progress line, Optuna (COMPLETE
     or PRUNED), the finalists, the expected-trial count and the report's status use."""
     return not failed and (epochs or 0) >= max_epochs
+
+
+def constraint_values(limits: dict[str, float], result: dict | None) -> dict[str, float]:
+    """Per constraint, how far a trial's measure is over its limit, relative to the limit: measure / limit - 1
+    (<= 0: met). The one definition of feasibility that Optuna's samplers (through `Trial.set_constraint`), the
+    finalists and the report use. Relative, so that the samplers' sum of violations weighs a latency in ms and a
+    size in KiB alike. A measure the trial lacks (it failed before measuring, or a two-layer student has no int8
+    copy) counts as not met, as if it were twice the limit (1.0)."""
+    out = {}
+    for key, limit in limits.items():
+        v = (result or {}).get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        out[key] = v / limit - 1.0 if ok else 1.0
+    return out
+
+
+def is_feasible(limits: dict[str, float], result: dict | None) -> bool:
+    """Whether a trial's measures meet every `sweep.constraints` limit (always, with no constraints)."""
+    return all(v <= 0.0 for v in constraint_values(limits, result).values())
 
 
 def finalist_count(cfg: Config) -> int:

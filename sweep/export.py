@@ -27,7 +27,7 @@ from trainable.io import atomic_dir, write_json
 from trainable.loop import CheckpointError, kept_epoch, load_checkpoint, trial_checkpoints
 from trainable.student import BiLSTMClassifier, PortableBiLSTM
 
-from .config import ConfigError, metric_of
+from .config import SECOND_OBJECTIVE, ConfigError, metric_of
 from .report import _ranked, collect_trials, load_sweep_config
 
 
@@ -112,13 +112,21 @@ def _refuse_out(folder: Path, out: Path, results_dir: Path) -> None:
         raise ConfigError(f"--out {out}: is a sweep folder or holds sweeps; give a new folder")
 
 
-def _trial_row(folder: Path, rows: list[dict], ranked: list[dict], trial: str | None) -> dict:
-    """The row to export: the best (`trial` None), else the trial of that Ray id or, failing that, of that Optuna
-    trial number. One line naming what is wrong otherwise."""
-    from .report import STATUS_FAILED
+def _trial_row(folder: Path, rows: list[dict], ranked: list[dict], trial: str | None, cfg=None,
+               log: Callable[[str], None] = print) -> dict:
+    """The row to export: the best (`trial` None; with `sweep.constraints`, the best feasible), else the trial of
+    that Ray id or, failing that, of that Optuna trial number (an infeasible one with a warning: asked for by
+    name). One line naming what is wrong otherwise."""
+    from .report import STATUS_FAILED, _candidates, constraint_misses
 
+    limits = cfg.sweep.constraints if cfg is not None else {}
     if trial is None:
         if not ranked:
+            ran = _candidates(rows, metric_of(cfg)[0]) if limits else []
+            if ran:
+                wanted = ", ".join(f"{k} <= {v:g}" for k, v in limits.items())
+                raise ConfigError(f"sweep.constraints: no trial of {folder} meets {wanted} ({len(ran)} ran); export "
+                                  f"one anyway with --trial ID (report.md names the best infeasible)")
             raise ConfigError(f"{folder}: no successful trial to export")
         return ranked[0]
     row = next((r for r in rows if r["trial_id"] == trial), None)
@@ -131,6 +139,9 @@ def _trial_row(folder: Path, rows: list[dict], ranked: list[dict], trial: str | 
                           f"it has: {known or 'none'})")
     if row["status"] == STATUS_FAILED:
         raise ConfigError(f"--trial {trial}: trial {row['trial_id']} failed ({row['error']}); nothing to export")
+    if row.get("feasible") is False:
+        log(f"warning: trial {row['trial_id']} does not meet sweep.constraints ({constraint_misses(cfg, row)}); "
+            f"exporting it as asked")
     return row
 
 
@@ -152,7 +163,7 @@ def export_best(folder: Path, out: Path, force: bool = False, log: Callable[[str
     """The best search trial's student (or, with `trial`, that trial's: a Ray trial id or an Optuna trial number)
     into the folder `out`, replaced whole."""
     cfg, metric, _, rows, ranked = _sweep_trials(folder, out, allow_task_code)
-    row = _trial_row(folder, rows, ranked, trial)
+    row = _trial_row(folder, rows, ranked, trial, cfg, log)
     _check_replace(out, force)
     with atomic_dir(out) as tmp:
         _write_export(folder, cfg, metric, row, tmp, log, int8=int8)
@@ -167,10 +178,12 @@ def export_pareto(folder: Path, out: Path, force: bool = False, log: Callable[[s
     from .report import front_members
 
     cfg, metric, mode, _, ranked = _sweep_trials(folder, out, allow_task_code)
-    second = SECOND_OBJECTIVE.get(cfg.sweep.objectives, "params")
+    second = SECOND_OBJECTIVE[cfg.sweep.objectives]
     front = front_members(ranked, metric, mode, second)
     if not front:
-        raise ConfigError(f"{folder}: no Pareto front to export (no successful trial with {metric} and {second})")
+        feasible = " that meets sweep.constraints" if cfg.sweep.constraints else ""
+        raise ConfigError(f"{folder}: no Pareto front to export (no successful trial{feasible} with {metric} and "
+                          f"{second})")
     _check_replace(out, force)
     index = []
     with atomic_dir(out) as tmp:
@@ -185,11 +198,6 @@ def export_pareto(folder: Path, out: Path, force: bool = False, log: Callable[[s
         write_json(tmp / "index.json", {"sweep": cfg.name, "objectives": [f"best_{metric} ({mode})",
                                                                           f"{second} (min)"], "members": index})
     return out, index
-
-
-# The second objective of a multi-objective sweep, as a column of the trial rows (single-objective: the report's
-# front is over parameters).
-SECOND_OBJECTIVE = {"accuracy": "params", "accuracy_and_size": "params"}
 
 
 def _write_export(folder: Path, cfg, metric: str, best: dict, tmp: Path, log: Callable[[str], None], *,

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from .counts import is_finished
+from .counts import constraint_values, is_feasible, is_finished
 from .samplers import RAY_TRIAL_ATTR
 from .samplers import SweepGridSampler  # noqa: F401  (sweeps saved before sweep/samplers.py pickled it here)
 
@@ -106,11 +106,18 @@ class KDOptunaSearch(OptunaSearch):
     - reports our own `epoch` as Optuna's step (Ray's training_iteration restarts at 1 after a restore),
     - never tells Optuna a NaN or infinite value (a failed trial is FAIL, and is never the best),
     - records a trial stopped early (by ASHA, before `max_epochs`) as PRUNED, which keeps its last reported value
-      in the study, so TPE learns from it.
+      in the study, so TPE learns from it,
+    - with `constraints` ({measure: limit}, `sweep.constraints`), sets each on the Optuna trial before telling it
+      (`Trial.set_constraint`, Optuna's supported way since 5.0: its `constraints_func` is deprecated), from the
+      trial's last result: a finished trial and one stopped early alike (its cost is measured at its first epoch),
+      so TPE and GP learn where the feasible region is. A failed trial gets none (Optuna ignores failed trials).
     """
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+    _constraints: dict[str, float] = {}  # (a searcher pickled before constraints had none)
+
+    def __init__(self, *args, max_epochs: int, constraints: dict[str, float] | None = None, **kwargs):
         self._max_epochs = max_epochs
+        self._constraints = dict(constraints or {})
         super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str):
@@ -147,7 +154,10 @@ class KDOptunaSearch(OptunaSearch):
             return  # told before a crash that came before Ray's next state snapshot
         if error or not finite:
             self._ot_study.tell(ot_trial, state=State.FAIL)
-        elif not is_finished(result.get("epoch"), self._max_epochs):
+            return
+        for key, value in constraint_values(self._constraints, result).items():
+            ot_trial.set_constraint(key, value)
+        if not is_finished(result.get("epoch"), self._max_epochs):
             self._ot_study.tell(ot_trial, state=State.PRUNED)
         else:
             self._ot_study.tell(ot_trial, values if multi else values[0])
@@ -267,10 +277,12 @@ class Progress(Callback):
     so far (of the search trials), and, when the sweep has them (`extra` > 0), the finalists' reruns and twins."""
 
     metric: tuple[str, str] = ("val_acc", "max")  # (name, mode); a class default for states pickled before tasks
+    constraints: dict[str, float] = {}  # `sweep.constraints`: the best so far is the best feasible result
 
     def __init__(self, total: int, max_epochs: int, every_s: float = 10.0, extra: int = 0,
-                 metric: tuple[str, str] = ("val_acc", "max")):
+                 metric: tuple[str, str] = ("val_acc", "max"), constraints: dict[str, float] | None = None):
         self.total, self.max_epochs, self.every_s, self.extra, self.metric = total, max_epochs, every_s, extra, metric
+        self.constraints = dict(constraints or {})
         self.t0 = time.time()
         self.last = 0.0
         self.best: tuple[float, str, int] | None = None
@@ -291,7 +303,9 @@ class Progress(Callback):
         self.last = now
         search = [v for t, v in self.done.items() if t not in self.finalist]
         counts = {k: search.count(k) for k in ("finished", "stopped early", "failed")}
-        best = f"best {self.metric[0]} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})" if self.best else "no result yet"
+        feasible = " feasible" if self.constraints else ""
+        best = (f"best{feasible} {self.metric[0]} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})"
+                if self.best else f"no{feasible} result yet")
         finals = ""
         if self.extra:
             done = [v for t, v in self.done.items() if t in self.finalist]
@@ -308,8 +322,8 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get(self.metric[0])
-        if self._track(trial):  # a rerun or twin measures a finalist; it is never "the best"
-            v = None
+        if self._track(trial) or not is_feasible(self.constraints, result):
+            v = None  # a rerun or twin measures a finalist, and an infeasible trial is never "the best"
         better = v is not None and math.isfinite(v) and (
             self.best is None or (v > self.best[0] if self.metric[1] == "max" else v < self.best[0]))
         if better:
@@ -349,11 +363,14 @@ def is_extra(trial) -> bool:
 
 
 def pick_finalists(done: dict[str, dict], *, twins: int, max_epochs: int, mode: str = "max") -> list[str]:
-    """The `twins` best finished search trials, best first (ties by id). `done`: search trial id -> {"error",
-    "epoch", "best"}: "best" is the trial's best value of the sweep's metric, better by `mode`."""
+    """The `twins` best finished feasible search trials, best first (ties by id). `done`: search trial id ->
+    {"error", "epoch", "best", "feasible"}: "best" is the trial's best value of the sweep's metric, better by
+    `mode`; "feasible" whether it meets `sweep.constraints` (an infeasible trial is not what would be deployed, so
+    its KD gain is not worth measuring: with no feasible trial there are no finalists)."""
     sign = -1 if mode == "max" else 1
     finished = [(tid, d.get("best", d.get("best_val_acc")))  # (searcher states saved before "best": val_acc only)
-                for tid, d in done.items() if is_finished(d.get("epoch"), max_epochs, failed=bool(d.get("error")))]
+                for tid, d in done.items() if is_finished(d.get("epoch"), max_epochs, failed=bool(d.get("error")))
+                and d.get("feasible", True)]
     finished = [(tid, v) for tid, v in finished if isinstance(v, (int, float)) and math.isfinite(v)]
     return [tid for tid, _ in sorted(finished, key=lambda x: (sign * x[1], x[0]))[:twins]]
 
@@ -385,8 +402,9 @@ class FinalistSearch(Searcher):
     FolderSearchGenerator writes to FINALISTS_FILE with every snapshot of this state."""
 
     def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, base_alpha: float,
-                 base_seed: int, max_epochs: int, max_concurrent: int):
+                 base_seed: int, max_epochs: int, max_concurrent: int, constraints: dict[str, float] | None = None):
         self.searcher = searcher
+        self.constraints = dict(constraints or {})  # `sweep.constraints`: the finalists are feasible trials
         self.num_search, self.twins, self.seeds = num_search, twins, seeds
         self.base_alpha, self.base_seed, self.max_epochs = base_alpha, base_seed, max_epochs
         self.max_concurrent = max_concurrent
@@ -449,7 +467,8 @@ class FinalistSearch(Searcher):
             return
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
         result = result or {}
-        self.done[trial_id] = {"error": error, "epoch": result.get("epoch"), "best": result.get(f"best_{self.metric}")}
+        self.done[trial_id] = {"error": error, "epoch": result.get("epoch"), "best": result.get(f"best_{self.metric}"),
+                               "feasible": is_feasible(getattr(self, "constraints", {}), result)}
 
     def get_state(self) -> dict:
         state = self.__dict__.copy()

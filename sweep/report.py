@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from trainable.io import atomic_path, write_text
 
-from .config import ConfigError, Config, metric_of, validate
-from .counts import is_finished
+from .config import SECOND_OBJECTIVE, ConfigError, Config, metric_of, validate
+from .counts import constraint_values, is_feasible, is_finished
 
 # The serving cost a trial measured (trainable/cost.py): ms per review at batch 1 and per batch of 64, fp32 and int8,
 # and the exported files' KiB.
@@ -131,7 +131,8 @@ def _best_of(values: list, mode: str):
 def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     """One dict per trial: hyperparameters, the task's metric (final, best, curve: `final_<metric>`,
     `best_<metric>`, `<metric>_curve`) and test score, epochs, status, error. For classify: final_val_acc,
-    best_val_acc, val_acc_curve, test_acc. `log`: where to name the trial folders left out."""
+    best_val_acc, val_acc_curve, test_acc. With `sweep.constraints`, `feasible`: whether the trial's measures meet
+    them (counts.is_feasible). `log`: where to name the trial folders left out."""
     metric, mode = metric_of(cfg)
     test_key = cfg.task_def.test_key
     statuses = _ray_statuses(folder)
@@ -191,6 +192,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
             **{k: last.get(k) for k in (*COST_KEYS, "cost_time_s") if k in last},
             "train_time_s": last.get("train_time_s"), "wall_time_s": wall, "nodes": ",".join(nodes),
             f"{metric}_curve": curve,
+            **({"feasible": is_feasible(cfg.sweep.constraints, last)} if cfg.sweep.constraints else {}),
         })
     if left_out and log is not None:
         log(f"warning: {folder}: left out {len(left_out)} trial folder(s) that Ray's last saved state does not "
@@ -228,13 +230,32 @@ def _resolved(cfg: Config, row: dict, key: str):
     return node
 
 
-def _ranked(rows: list[dict], metric: str = "val_acc", mode: str = "max") -> list[dict]:
-    """Search trials that did not fail, best value of `metric` first. A finalist's rerun or no-teacher twin is a
-    measurement of the finalist, never a candidate for "best"."""
+def _candidates(rows: list[dict], metric: str) -> list[dict]:
+    """Search trials that did not fail and have a value of `metric`, feasible or not."""
     key = f"best_{metric}"
-    ok = [r for r in rows if r["status"] != STATUS_FAILED and isinstance(r.get(key), (int, float))
-          and math.isfinite(r[key]) and r.get("kd_role", "search") == "search"]
+    return [r for r in rows if r["status"] != STATUS_FAILED and isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key]) and r.get("kd_role", "search") == "search"]
+
+
+def _ranked(rows: list[dict], metric: str = "val_acc", mode: str = "max", *, feasible: bool = True) -> list[dict]:
+    """Search trials that did not fail and (with `sweep.constraints`; `feasible`) meet the constraints, best value
+    of `metric` first: "the best" is the first, for the report, `sweep export` and the front. A finalist's rerun or
+    no-teacher twin is a measurement of the finalist, never a candidate for "best". `feasible=False`: the
+    infeasible ones instead, ranked the same way."""
+    key = f"best_{metric}"
+    ok = [r for r in _candidates(rows, metric) if (r.get("feasible") is not False) == feasible]
     return sorted(ok, key=lambda r: -r[key] if mode == "max" else r[key])
+
+
+def constraint_misses(cfg: Config, row: dict) -> str:
+    """The constraints a trial does not meet, e.g. "latency_ms 1.32 > 1, export_int8_kb not measured"."""
+    out = []
+    for key, over in constraint_values(cfg.sweep.constraints, row).items():
+        if over > 0:
+            v = row.get(key)
+            out.append(f"{key} {_fmt(v)} > {_fmt(cfg.sweep.constraints[key])}" if isinstance(v, (int, float))
+                       else f"{key} not measured")
+    return ", ".join(out)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -271,7 +292,7 @@ def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list
         ids = [r["kd_of"] for r in rows if r.get("kd_of")]
         if ids:
             done = [r for r in search if r["status"] == STATUS_FINISHED and isinstance(r.get(key), (int, float))
-                    and math.isfinite(r[key])]
+                    and math.isfinite(r[key]) and r.get("feasible") is not False]
             best = sorted(done, key=lambda r: (sign * r[key], r["trial_id"]))
             ids += [r["trial_id"] for r in best[:cfg.sweep.twins]]
     by_id = {r["trial_id"]: r for r in search}
@@ -346,7 +367,8 @@ def _save_png(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable[[str], None]) -> list[str]:
+def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable[[str], None],
+           second: str = "params") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,8 +393,8 @@ def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable
 
     ranked = _ranked(rows, metric, mode)
     sign = 1 if mode == "max" else -1
-    if ranked and all(r["params"] is not None for r in ranked):
-        pts = [(r[f"best_{metric}"], r["params"]) for r in ranked]
+    if ranked and all(isinstance(r.get(second), (int, float)) for r in ranked):
+        pts = [(r[f"best_{metric}"], r[second]) for r in ranked]
         front = pareto_front([(sign * v, p) for v, p in pts])
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], c=["tab:red" if i in front else "tab:blue" for i in
@@ -380,7 +402,7 @@ def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable
         fp = sorted((pts[i] for i in front), key=lambda p: p[1])
         ax.step([p[1] for p in fp], [p[0] for p in fp], where="post", color="tab:red", lw=1, label="Pareto front")
         ax.set_xscale("log")
-        ax.set_xlabel("parameters")
+        ax.set_xlabel({"params": "parameters"}.get(second, second))
         ax.set_ylabel(f"best {metric}")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -451,10 +473,14 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     task = cfg.task_def
     metric, mode = metric_of(cfg)
     best_key, test_key = f"best_{metric}", task.test_key
+    second = SECOND_OBJECTIVE[cfg.sweep.objectives]
     rows = collect_trials(folder, cfg, log)
-    write_trials_parquet(folder, rows)
-    plots = _plots(folder, rows, metric, mode, log)
     ranked = _ranked(rows, metric, mode)
+    rank = {id(r): i for i, r in enumerate(ranked, 1)}
+    for r in rows:  # the report table's rank: 1 is the best (feasible) trial; None: not ranked
+        r["rank"] = rank.get(id(r))
+    write_trials_parquet(folder, rows)
+    plots = _plots(folder, rows, metric, mode, log, second)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in
               (STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE)}
     n_extra = sum(1 for r in rows if r.get("kd_role", "search") != "search")
@@ -495,6 +521,22 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
         lines.append(f"- GPU sizing (gpu: auto): largest trial ~{fmt_bytes(g['estimate_bytes'])} (an estimate); "
                      + (f"{g['trials_per_gpu']} per {fmt_bytes(g['gpu_bytes'])} GPU, {g['gpu_per_trial']:g} GPU "
                         f"per trial" if g.get("gpu_bytes") else "no GPU in the cluster, trials ran on CPU"))
+    if cfg.sweep.constraints:
+        limits = ", ".join(f"{k} <= {_fmt(v)}" for k, v in cfg.sweep.constraints.items())
+        ran, infeasible = _candidates(rows, metric), _ranked(rows, metric, mode, feasible=False)
+        line = f"- constraints: {limits}: {len(ranked)} of {len(ran)} search trials feasible"
+        if infeasible:
+            top = infeasible[0]
+            beats = bool(ranked) and (top[best_key] > ranked[0][best_key] if mode == "max"
+                                      else top[best_key] < ranked[0][best_key])
+            line += (f"; the best infeasible: trial {top['trial_id']}, {metric} {_fmt(top[best_key])}"
+                     + (f", {test_key} {_fmt(top.get(test_key))}" if test_key else "")
+                     + f" ({constraint_misses(cfg, top)})"
+                     + (f", {_fmt(abs(top[best_key] - ranked[0][best_key]))} {metric} beyond the best feasible"
+                        if beats else ""))
+        lines.append(line)
+        if not ranked and ran:
+            lines.append("- best: none, no search trial meets the constraints (loosen them or widen the space)")
     if ranked:
         best = ranked[0]
         lines.append(f"- best: trial {best['trial_id']}, {metric} {_fmt(best[best_key])}"
@@ -509,10 +551,13 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
         except Exception:
             pass
         lines.append(f"- edge of the search space: {'yes, ' + '; '.join(edge) + ' (widen the space)' if edge else 'no'}")
-        front = front_members(ranked, metric, mode)
+        front = front_members(ranked, metric, mode, second)
         if front:
-            lines.append(f"- Pareto front ({metric} {'up' if mode == 'max' else 'down'}, parameters down): " + ", ".join(
-                f"{r['trial_id']} ({_fmt(r[best_key])}, {r['params']} params)" for r in front))
+            unit = {"params": "params", "latency_ms": "ms/review"}.get(second, second)
+            lines.append(f"- Pareto front ({metric} {'up' if mode == 'max' else 'down'}, "
+                         f"{'parameters' if second == 'params' else second} down"
+                         f"{', feasible trials' if cfg.sweep.constraints else ''}): " + ", ".join(
+                             f"{r['trial_id']} ({_fmt(r[best_key])}, {_fmt(r[second])} {unit})" for r in front))
         lines.append(f"- export the best: `sweep export {folder} --out DIR`; any trial: `--trial ID|NUMBER` "
                      f"(Ray trial id or Optuna trial number)"
                      + (f"; the front ({len(front)} trials): `sweep export {folder} --pareto DIR`" if front else ""))
@@ -538,8 +583,8 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
                          f"{_resolved(cfg, r, 'student.embedding_dim')} | {_fmt(alpha)} | "
                          f"{_fmt(_resolved(cfg, r, 'train.temperature'))} | {acc_cell(e['acc'])} | "
                          f"{acc_cell(e['twin_acc'])} | {gain}{' (incomplete)' if e['pending'] else ''} |")
-        lines += ["", f"How to read it: the finalists are the {cfg.sweep.twins} best finished search trials (best "
-                  f"{metric}). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
+        lines += ["", f"How to read it: the finalists are the {cfg.sweep.twins} best finished "
+                  f"{'feasible ' if cfg.sweep.constraints else ''}search trials (best {metric}). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
                   "everything else the same: its twin. Acc is the test accuracy of a run's best-validation weights. "
                   "KD gain = the finalist's mean Acc minus its twin's, in points: what the teacher added to this "
                   "student, measured rather than assumed. With `sweep.finalist_seeds` N > 1, each side is the mean ± "
@@ -555,11 +600,14 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     columns = {(_best_title(metric) if spec == "@best" else title): spec for title, spec in columns.items()}
     lines += ["", "| Rank | Model | " + " | ".join(columns) + " | Status |",
               "|---:|---|" + "---:|" * len(columns) + "---|"]
-    for i, r in enumerate(ranked + [r for r in rows if r not in ranked], 1):
+    shown = ranked + _ranked(rows, metric, mode, feasible=False)
+    for i, r in enumerate(shown + [r for r in rows if r not in shown], 1):
         role = "" if r.get("kd_role", "search") == "search" else f" ({r['kd_role']} of {r['kd_of']})"
         cells = [_cell(cfg, r, spec) for spec in columns.values()]
+        miss = (f" (infeasible: {constraint_misses(cfg, r)})" if r.get("feasible") is False
+                and r["status"] != STATUS_FAILED else "")
         lines.append(f"| {i if r in ranked else '-'} | {task.model_label} {r['trial_id']} | " + " | ".join(cells)
-                     + f" | {r['status']}{': ' + r['error'] if r['error'] else ''}{role} |")
+                     + f" | {r['status']}{': ' + r['error'] if r['error'] else ''}{miss}{role} |")
     lines += ["", (f"{_title(test_key)}: {test_key} of the trial's best-validation checkpoint. " if test_key else "")
               + f"Best: the best {metric} over the epochs run. Step: best epoch / epochs run.", ""]
     lines += [f"![{p}]({p})" for p in plots]

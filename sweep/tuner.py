@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, check_writable, load_config, load_space_for, metric_of
+from .config import SECOND_OBJECTIVE, Config, ConfigError, check_writable, load_config, load_space_for, metric_of
 from .counts import finalist_count, num_samples
 from .runs import Claim, StorageError, stamp
 
@@ -120,7 +120,8 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     metric, mode = objectives(cfg)
     storage = SweepStudy(study_file)
     searcher = KDOptunaSearch(space=space.define_by_run(), metric=metric, mode=mode, sampler=sampler,
-                              study_name=cfg.name, storage=storage, max_epochs=max_epochs)
+                              study_name=cfg.name, storage=storage, max_epochs=max_epochs,
+                              constraints=cfg.sweep.constraints)
     limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
     if finalist_count(cfg) == 0:
         return FolderSearchGenerator(limited)
@@ -129,13 +130,13 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     return FolderSearchGenerator(FinalistSearch(
         limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
         base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=max_epochs,
-        max_concurrent=cfg.sweep.max_concurrent))
+        max_concurrent=cfg.sweep.max_concurrent, constraints=cfg.sweep.constraints))
 
 
 def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
     metric, mode = metric_of(cfg)
-    if cfg.sweep.objectives == "accuracy_and_size":
-        return [metric, "params"], [mode, "min"]
+    if cfg.sweep.objectives != "accuracy":
+        return [metric, SECOND_OBJECTIVE[cfg.sweep.objectives]], [mode, "min"]
     return metric, mode
 
 
@@ -187,7 +188,8 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
         # Ray deletes no checkpoint: the adapter prunes them to stubs, so one Ray's saved state names always exists.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
-                   Progress(total, cfg.train.epochs, extra=finalist_count(cfg), metric=metric_of(cfg)),
+                   Progress(total, cfg.train.epochs, extra=finalist_count(cfg), metric=metric_of(cfg),
+                            constraints=cfg.sweep.constraints),
                    StorageGuard()],
         verbose=0,
     )
@@ -263,6 +265,7 @@ def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None =
         return num_search
     import json
 
+    from .counts import is_feasible
     from .ray_parts import FINALISTS_FILE, ROLE, finalist_trials
 
     decisions = folder / FINALISTS_FILE if folder is not None else None
@@ -272,7 +275,8 @@ def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None =
     metric, mode = metric_of(cfg)
     search = [t for t in trials if not t.config.get(ROLE)]
     done = {t.trial_id: {"error": t.status == "ERROR", "epoch": (t.last_result or {}).get("epoch"),
-                         "best": (t.last_result or {}).get(f"best_{metric}")} for t in search}
+                         "best": (t.last_result or {}).get(f"best_{metric}"),
+                         "feasible": is_feasible(cfg.sweep.constraints, t.last_result)} for t in search}
     configs = {t.trial_id: dict(t.config) for t in search}
     extra = finalist_trials(done, configs, twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
                             base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs,

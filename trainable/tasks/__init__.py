@@ -59,6 +59,10 @@ class Task:
     twins: bool = False  # finalists get a no-teacher twin (only for tasks with a teacher)
     description: str = ""
 
+    # What every trial reports besides the metrics, and so what `sweep.constraints` can limit and the report can
+    # rank by (trainable.loop.fit reports the parameter count and the weights' KiB every epoch).
+    measures: tuple[str, ...] = ("params", "size_kb")
+
     def __init__(self):
         self.model_label = self.model_label or self.name
 

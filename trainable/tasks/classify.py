@@ -54,6 +54,10 @@ class Classify(Task):
                "Train Time": "@time", "step_size": "hp:train.step_size", "Params": "params", "Size": "@size",
                "ms/review": "latency_ms", "ms/64 int8": "latency_int8_b64_ms", "Export KB": "export_kb"}
 
+    # The serving cost each trial measures (trainable/cost.py; the int8 figures for one-layer students only).
+    measures = ("params", "size_kb", "latency_ms", "latency_b64_ms", "latency_int8_ms", "latency_int8_b64_ms",
+                "export_kb", "export_int8_kb")
+
     plan_keys = ("tokenizer.vocab_size", "student.embedding_dim", "student.hidden_dim", "student.num_layers",
                  "train.batch_size", "train.alpha", "data.transfer_rows", "tokenizer.max_length",
                  "train.eval_batch_size")
