@@ -175,12 +175,20 @@ class KDOptunaSearch(OptunaSearch):
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive a driver crash. Ray does not save scheduler state, so a restored sweep would
     start with empty rungs and stop nobody; on its first trial this scheduler replays every result already
-    recorded in the experiment folder into the rungs (the value at the first epoch >= each milestone)."""
+    recorded in the experiment folder into the rungs (the value at the first epoch >= each milestone).
 
-    def __init__(self, *args, experiment_dir: str, **kwargs):
+    With `constraints` (`sweep.constraints`), a search trial whose measures miss a limit is stopped at that result:
+    its cost is measured once, at its first epoch, and does not change, so it can never be the best, and the epochs
+    it would train are spent on trials that can. Its result still enters the rungs first, as without constraints
+    (the rungs, and so every other decision and a resumed sweep's replay, are the same)."""
+
+    _constraints: dict[str, float] = {}  # (a scheduler pickled before constraints had none)
+
+    def __init__(self, *args, experiment_dir: str, constraints: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._experiment_dir = experiment_dir
         self._replayed = False
+        self._constraints = dict(constraints or {})
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -197,7 +205,10 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if is_extra(trial):
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self._constraints and not is_feasible(self._constraints, result):
+            return TrialScheduler.STOP
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if is_extra(trial):

@@ -151,7 +151,7 @@ def make_scheduler(cfg: Config, folder: Path):
     metric, mode = metric_of(cfg)
     return ResumableASHA(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.train.epochs,
                          grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor,
-                         experiment_dir=str(folder.resolve()))
+                         experiment_dir=str(folder.resolve()), constraints=cfg.sweep.constraints)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -190,3 +190,27 @@ def test_a_latency_objective_on_a_task_that_measures_no_latency_is_one_line(tmp_
     assert err == [f"error: {path}: sweep.objectives: accuracy_and_latency needs latency_ms, which task lm does not measure "
                    f"(it measures: params, size_kb)"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.yaml"]
+
+
+def test_asha_stops_a_trial_that_misses_a_constraint_at_its_first_result(tmp_path):
+    """A trial's cost is measured at its first epoch and never changes: under `sweep.constraints`, ASHA stops an
+    infeasible search trial there (its epochs go to trials that can be the best), lets a feasible one with the same
+    accuracy go on, and records both in its rungs as it would without constraints."""
+    from types import SimpleNamespace
+
+    from sweep.config import validate
+    from sweep.tuner import make_scheduler
+
+    cfg = validate({"train": {"epochs": 4}, "sweep": {"scheduler": {"kind": "asha", "grace_period": 1},
+                                                      "constraints": {"size_kb": 100.0}}}, "t")
+    asha = make_scheduler(cfg, tmp_path)
+    small, big = SimpleNamespace(trial_id="small", config={}), SimpleNamespace(trial_id="big", config={})
+    for t in (small, big):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, small, {"epoch": 1, "val_acc": 0.7, "size_kb": 60.0}) == "CONTINUE"
+    assert asha.on_trial_result(None, big, {"epoch": 1, "val_acc": 0.7, "size_kb": 140.0}) == "STOP"
+    assert dict(asha._brackets[0]._rungs[-1][1]) == {"small": 0.7, "big": 0.7}  # both in the first rung
+    unconstrained = make_scheduler(validate({"train": {"epochs": 4}, "sweep": {"scheduler": {"kind": "asha"}}}, "t"),
+                                   tmp_path)
+    unconstrained.on_trial_add(None, big)
+    assert unconstrained.on_trial_result(None, big, {"epoch": 1, "val_acc": 0.7, "size_kb": 140.0}) == "CONTINUE"
