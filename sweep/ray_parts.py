@@ -179,8 +179,8 @@ class ResumableASHA(ASHAScheduler):
 
     With `constraints` (`sweep.constraints`), a search trial whose measures miss a limit is stopped at that result:
     its cost is measured once, at its first epoch, and does not change, so it can never be the best, and the epochs
-    it would train are spent on trials that can. Its result still enters the rungs first, as without constraints
-    (the rungs, and so every other decision and a resumed sweep's replay, are the same)."""
+    it would train are spent on trials that can. It stays out of the rungs (live and in the replay), so feasible
+    trials are judged against each other, not against larger students that could never be shipped."""
 
     _constraints: dict[str, float] = {}  # (a scheduler pickled before constraints had none)
 
@@ -205,13 +205,17 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if is_extra(trial):
             return TrialScheduler.CONTINUE
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if self._constraints and not is_feasible(self._constraints, result):
+        if self._infeasible(result):
+            self._num_stopped += 1
             return TrialScheduler.STOP
-        return decision
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _infeasible(self, result: dict | None) -> bool:
+        return bool(self._constraints) and self._time_attr in (result or {}) and not is_feasible(self._constraints,
+                                                                                                  result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if is_extra(trial):
+        if is_extra(trial) or self._infeasible(result):
             self._trial_info.pop(trial.trial_id, None)
             return
         super().on_trial_complete(tune_controller, trial, result)
@@ -232,7 +236,7 @@ class ResumableASHA(ASHAScheduler):
                 except json.JSONDecodeError:
                     continue
             rows = sorted((r for r in rows if self._time_attr in r and self._metric in r), key=lambda r: r[self._time_attr])
-            if not rows:
+            if not rows or self._infeasible(rows[0]):  # (stopped at its first result, out of the rungs)
                 continue
             tid = rows[-1]["trial_id"]
             bracket = self._trial_info.get(tid, self._brackets[0])

@@ -194,8 +194,10 @@ def test_a_latency_objective_on_a_task_that_measures_no_latency_is_one_line(tmp_
 
 def test_asha_stops_a_trial_that_misses_a_constraint_at_its_first_result(tmp_path):
     """A trial's cost is measured at its first epoch and never changes: under `sweep.constraints`, ASHA stops an
-    infeasible search trial there (its epochs go to trials that can be the best), lets a feasible one with the same
-    accuracy go on, and records both in its rungs as it would without constraints."""
+    infeasible search trial there (its epochs go to trials that can be the best) and keeps it out of its rungs, so
+    a feasible trial is not stopped for being below a student that could never be shipped; after a restart the
+    replay of the folder leaves it out too."""
+    import json
     from types import SimpleNamespace
 
     from sweep.config import validate
@@ -207,9 +209,17 @@ def test_asha_stops_a_trial_that_misses_a_constraint_at_its_first_result(tmp_pat
     small, big = SimpleNamespace(trial_id="small", config={}), SimpleNamespace(trial_id="big", config={})
     for t in (small, big):
         asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, big, {"epoch": 1, "val_acc": 0.9, "size_kb": 140.0}) == "STOP"
+    asha.on_trial_complete(None, big, {"epoch": 1, "val_acc": 0.9, "size_kb": 140.0})  # what Ray calls on a stop
     assert asha.on_trial_result(None, small, {"epoch": 1, "val_acc": 0.7, "size_kb": 60.0}) == "CONTINUE"
-    assert asha.on_trial_result(None, big, {"epoch": 1, "val_acc": 0.7, "size_kb": 140.0}) == "STOP"
-    assert dict(asha._brackets[0]._rungs[-1][1]) == {"small": 0.7, "big": 0.7}  # both in the first rung
+    assert dict(asha._brackets[0]._rungs[-1][1]) == {"small": 0.7}  # the first rung: the feasible trial alone
+    for tid, acc, kb in (("big", 0.9, 140.0), ("small", 0.7, 60.0)):  # the same results, on disk, after a restart
+        (tmp_path / f"trial_{tid}").mkdir()
+        (tmp_path / f"trial_{tid}" / "result.json").write_text(
+            json.dumps({"trial_id": tid, "epoch": 1, "val_acc": acc, "size_kb": kb}) + "\n")
+    resumed = make_scheduler(cfg, tmp_path)
+    resumed.on_trial_add(None, SimpleNamespace(trial_id="next", config={}))
+    assert dict(resumed._brackets[0]._rungs[-1][1]) == {"small": 0.7}
     unconstrained = make_scheduler(validate({"train": {"epochs": 4}, "sweep": {"scheduler": {"kind": "asha"}}}, "t"),
                                    tmp_path)
     unconstrained.on_trial_add(None, big)
