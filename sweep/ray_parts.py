@@ -105,6 +105,7 @@ class KDOptunaSearch(OptunaSearch):
     """OptunaSearch that
     - reports our own `epoch` as Optuna's step (Ray's training_iteration restarts at 1 after a restore),
     - never tells Optuna a NaN or infinite value (a failed trial is FAIL, and is never the best),
+    - names the study's objectives after the metrics (`Study.set_metric_names`: optuna-dashboard shows them),
     - records a trial stopped early (by ASHA, before `max_epochs`) as PRUNED, which keeps its last reported value
       in the study, so TPE learns from it,
     - with `constraints` ({measure: limit}, `sweep.constraints`), sets each on the Optuna trial before telling it
@@ -119,6 +120,12 @@ class KDOptunaSearch(OptunaSearch):
         self._max_epochs = max_epochs
         self._constraints = dict(constraints or {})
         super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        # Named objectives (optuna-dashboard shows "val_acc", not "Objective 0"); a resumed study keeps its names.
+        if self._ot_study.metric_names is None:
+            self._ot_study.set_metric_names([self._metric] if isinstance(self._metric, str) else list(self._metric))
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)

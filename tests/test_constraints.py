@@ -77,6 +77,7 @@ def test_optuna_study_holds_every_trials_constraint_values_and_latency_as_its_se
                               storage=f"sqlite:///{constrained['folder'] / 'optuna.db'}")
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 4
+    assert study.metric_names == ["val_acc", "latency_ms"]  # what optuna-dashboard names the objectives
     for t in trials:
         row = by_id[t.user_attrs["ray_trial_id"]]
         assert t.state == optuna.trial.TrialState.COMPLETE
