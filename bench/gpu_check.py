@@ -673,7 +673,8 @@ def markdown(rep: dict) -> str:
 
 IMPORTS = ("ray", "ray.tune", "ray.tune.search.optuna", "ray.tune.schedulers", "optuna", "sqlalchemy", "pydantic",
            "tensorboardX", "yaml", "pyarrow.parquet", "tensorboard", "sklearn.linear_model", "tokenizers",
-           "matplotlib", "sweep.cli", "sweep.tuner", "sweep.ray_parts", "sweep.plan", "sweep.report",
+           "matplotlib", "sweep.cli", "sweep.tuner", "sweep.ray_search", "sweep.ray_scheduler", "sweep.ray_callbacks",
+           "sweep.plan", "sweep.report",
            "trainable.adapter", "trainable.loop", "trainable.teacher", "trainable.tasks.classify")
 
 

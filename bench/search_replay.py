@@ -119,7 +119,7 @@ class Table:
 
 class Asha:
     """Ray's asynchronous successive halving with one bracket (`ray.tune.schedulers.AsyncHyperBandScheduler` and
-    its `_Bracket`, Ray 2.60), as `sweep.ray_parts.ResumableASHA` runs it: time is the trial's epoch, mode max.
+    its `_Bracket`, Ray 2.60), as `sweep.ray_scheduler.ResumableASHA` runs it: time is the trial's epoch, mode max.
     Rungs at grace * rf^k below max_t; a trial reaching a rung is stopped if its value is below the
     (1 - 1/rf) percentile of the values recorded there before it (the first to arrive always goes on); a trial at
     max_t stops."""

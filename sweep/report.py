@@ -279,7 +279,7 @@ def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list
     `folder`). A sweep saved before that file existed: the trials the reruns and twins name, plus, once those exist,
     the `sweep.twins` best finished search trials by the sweep's metric (a finalist with alpha 1 has no twin, and
     with one seed nothing names it). A sweep with no reruns or twins (older, or `twins: 0`) has none."""
-    from .ray_parts import FINALISTS_FILE
+    from .ray_search import FINALISTS_FILE
 
     seeds = cfg.sweep.finalist_seeds
     metric, mode = metric_of(cfg)

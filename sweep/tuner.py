@@ -108,11 +108,11 @@ def check_shared_storage(folder: Path, log: Log) -> None:
 
 def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     """Optuna (through Ray) over the study in `study_file` (the sweep folder's optuna.db, pickled by name: a moved
-    or copied folder resumes from its own, see ray_parts.SweepStudy), in a search generator that a resume
-    re-points at the folder resumed and which writes the finalists' decisions (ray_parts.FolderSearchGenerator)."""
+    or copied folder resumes from its own, see ray_search.SweepStudy), in a search generator that a resume
+    re-points at the folder resumed and which writes the finalists' decisions (ray_search.FolderSearchGenerator)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from .ray_parts import FolderSearchGenerator, KDOptunaSearch, SweepStudy
+    from .ray_search import FolderSearchGenerator, KDOptunaSearch, SweepStudy
     from .samplers import make_sampler
 
     sampler = make_sampler(cfg.sweep.searcher, cfg.sweep.seed, num_samples=num_samples(cfg, space),
@@ -125,7 +125,7 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
     limited = ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
     if finalist_count(cfg) == 0:
         return FolderSearchGenerator(limited)
-    from .ray_parts import FinalistSearch
+    from .ray_search import FinalistSearch
 
     return FolderSearchGenerator(FinalistSearch(
         limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
@@ -143,7 +143,7 @@ def objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
 def make_scheduler(cfg: Config, folder: Path):
     from ray.tune.schedulers import FIFOScheduler
 
-    from .ray_parts import ResumableASHA
+    from .ray_scheduler import ResumableASHA
 
     if cfg.sweep.scheduler.kind == "none":
         return FIFOScheduler()
@@ -178,7 +178,7 @@ def _run_config(cfg: Config, folder: Path, total: int, log: Log):
 
     from trainable.io import atomic_local_filesystem
 
-    from .ray_parts import Progress, StorageGuard
+    from .ray_callbacks import Progress, StorageGuard
 
     return tune.RunConfig(
         name=folder.name,
@@ -237,7 +237,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         cfg.task_def.save_artifacts(folder, prep)
         from ray import tune
 
-        from .ray_parts import trial_dirname
+        from .ray_callbacks import trial_dirname
 
         extra = finalist_count(cfg)
         log(f"sweep {cfg.name}: {total} search trials, searcher {cfg.sweep.searcher}, "
@@ -266,7 +266,7 @@ def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None =
     import json
 
     from .counts import is_feasible
-    from .ray_parts import FINALISTS_FILE, ROLE, finalist_trials
+    from .ray_search import FINALISTS_FILE, ROLE, finalist_trials
 
     decisions = folder / FINALISTS_FILE if folder is not None else None
     if decisions is not None and decisions.is_file():
@@ -285,7 +285,7 @@ def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None =
 
 
 def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log) -> int:
-    from .ray_parts import storage_problem
+    from .ray_callbacks import storage_problem
     from .report import build_report
 
     t0 = time.time()
@@ -323,7 +323,7 @@ def _probe_storage(folder: Path) -> str | None:
     results folder turned read-only under an open study as "unable to open database file" or "disk I/O error"."""
     import tempfile
 
-    from .ray_parts import storage_problem
+    from .ray_callbacks import storage_problem
 
     try:
         with tempfile.TemporaryFile(dir=folder) as f:
@@ -358,10 +358,10 @@ def _stamped_task(folder: Path):
 def resume_sweep(target: str, address: str | None = None, log: Log = print, allow_task_code: bool = False) -> int:
     """Continue the sweep in folder `target`, wherever it lies now and from whatever directory: the stamped
     config's relative paths are read from the directory the sweep was launched in (runs.in_launch_dir), and the
-    study and ASHA's replay are those of this folder (ray_parts.resuming). `allow_task_code`: run the task module
+    study and ASHA's replay are those of this folder (ray_search.resuming). `allow_task_code`: run the task module
     its config.yaml names (sweep.report.load_sweep_config). `tuner.pkl` and Ray's saved state are pickles,
     unpickled here: resume only sweeps you trust."""
-    from .ray_parts import foreign_studies, resuming
+    from .ray_search import foreign_studies, resuming
     from .report import find_sweep, load_sweep_config
     from .runs import in_launch_dir
 

@@ -21,7 +21,7 @@ def _events(seed: int, n_trials: int, max_t: int, grace: int, rf: float, tmp_pat
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from sweep.ray_parts import ResumableASHA
+    from sweep.ray_scheduler import ResumableASHA
 
     rng = random.Random(seed)
     sched = ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t, grace_period=grace,
@@ -51,7 +51,7 @@ def _resumed(log, cut: int, max_t: int, grace: int, rf: float, folder, replay: b
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from sweep.ray_parts import ResumableASHA
+    from sweep.ray_scheduler import ResumableASHA
 
     folder.mkdir()
     for tid, epoch, value, _ in log[:cut]:

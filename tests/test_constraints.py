@@ -146,7 +146,7 @@ def test_with_no_feasible_trial_the_report_says_so_and_export_refuses_in_one_lin
 
 def test_finalists_are_the_best_feasible_trials():
     from sweep.counts import is_feasible
-    from sweep.ray_parts import pick_finalists
+    from sweep.ray_search import pick_finalists
 
     limits = {"latency_ms": 1.0, "export_kb": 200.0}
     results = {"fast": {"latency_ms": 0.5, "export_kb": 150.0, "best_val_acc": 0.80},

@@ -362,7 +362,7 @@ _NOT_ATOMIC_ON_PURPOSE = {
         "TensorBoard appends event records as training goes; its reader skips a cut last record",
     ("sweep/tuner.py", "check_shared_storage", "write_text"):
         "an empty probe file, written to see whether every node sees the results folder, then removed",
-    ("sweep/ray_parts.py", "save", "save"):
+    ("sweep/ray_search.py", "save", "save"):
         "Ray's Searcher.save: Ray names a temporary file, renames it, and copies it to storage through AtomicLocalFS",
     ("sweep/export.py", "_export_onnx", "export"):
         "writes the path it is given; its only caller passes a file inside export's atomic_dir",

@@ -158,7 +158,7 @@ def _x_space(trial):
 
 
 def _searcher(folder: Path, storage=None):
-    from sweep.ray_parts import KDOptunaSearch, SweepStudy
+    from sweep.ray_search import KDOptunaSearch, SweepStudy
 
     return KDOptunaSearch(space=_x_space, metric="val_acc", mode="max", study_name="s", max_epochs=1,
                           storage=storage if storage is not None else SweepStudy(folder / "optuna.db"))
@@ -177,7 +177,7 @@ def test_a_copied_sweeps_study_is_its_own_and_a_moved_one_opens(tmp_path):
     import pickle
     import shutil
 
-    from sweep.ray_parts import resuming
+    from sweep.ray_search import resuming
 
     original = tmp_path / "original"
     original.mkdir()
@@ -206,7 +206,8 @@ def test_asha_replays_the_folder_resumed(tmp_path):
     import pickle
     from types import SimpleNamespace
 
-    from sweep.ray_parts import ResumableASHA, resuming
+    from sweep.ray_scheduler import ResumableASHA
+    from sweep.ray_search import resuming
 
     asha = ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1,
                          reduction_factor=2, experiment_dir=str(tmp_path / "original"))
@@ -221,13 +222,33 @@ def test_asha_replays_the_folder_resumed(tmp_path):
     assert rung_1 == {"a": 0.6}
 
 
+def test_a_sweep_saved_before_ray_parts_was_split_still_unpickles(tmp_path):
+    """Ray's saved state names each pickled class by module: a sweep saved before sweep/ray_parts.py was split into
+    ray_search, ray_scheduler and ray_callbacks names `sweep.ray_parts.*`, and `sweep resume` must still load it."""
+    import pickle
+
+    from sweep.ray_callbacks import Progress
+    from sweep.ray_scheduler import ResumableASHA
+    from sweep.ray_search import SweepStudy
+
+    objects = {"sweep.ray_scheduler": ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=4,
+                                                    grace_period=1, reduction_factor=2, experiment_dir=str(tmp_path)),
+               "sweep.ray_search": SweepStudy(tmp_path / "optuna.db"), "sweep.ray_callbacks": Progress(4, 2)}
+    for module, obj in objects.items():
+        new = pickle.dumps(obj, protocol=0)  # protocol 0 names globals as text: "c<module>\n<name>\n"
+        assert f"c{module}\n".encode() in new
+        old = new.replace(f"c{module}\n".encode(), b"csweep.ray_parts\n")
+        back = pickle.loads(old)
+        assert type(back) is type(obj), module
+
+
 def test_resume_refuses_a_moved_sweep_saved_with_its_study_by_absolute_url(tmp_path, capsys):
     # Sweeps saved before SweepStudy pickled optuna's RDBStorage by its URL: moved, one line, nothing opened.
     import optuna
     import pickle
     import shutil
 
-    from sweep.ray_parts import foreign_studies
+    from sweep.ray_search import foreign_studies
 
     original = tmp_path / "original"
     original.mkdir()

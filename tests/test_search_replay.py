@@ -37,7 +37,7 @@ def _run(decide, rng_seed: int, n_trials: int, max_t: int, workers: int, grace: 
         from ray.tune.experiment import Trial
         from ray.tune.schedulers import TrialScheduler
 
-        from sweep.ray_parts import ResumableASHA
+        from sweep.ray_scheduler import ResumableASHA
 
         sched = ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t, grace_period=grace,
                               reduction_factor=rf, experiment_dir=str(tmp_path))

@@ -27,7 +27,7 @@ def _done(epoch=2, acc=0.7, error=False):
 
 
 def test_finalists_are_the_best_finished_search_trials_with_reruns_and_twins():
-    from sweep.ray_parts import OF, ROLE, finalist_trials
+    from sweep.ray_search import OF, ROLE, finalist_trials
 
     done = {"failed": _done(acc=0.99, error=True), "stopped": _done(epoch=1, acc=0.95), "nan": _done(acc=math.nan),
             "a": _done(acc=0.80), "b": _done(acc=0.85), "c": _done(acc=0.75), "notchr": _done(acc=0.82)}
@@ -76,7 +76,7 @@ def _generator(max_concurrent=2):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.search_generator import SearchGenerator
 
-    from sweep.ray_parts import FinalistSearch
+    from sweep.ray_search import FinalistSearch
 
     inner = ConcurrencyLimiter(_counting_searcher(), max_concurrent=max_concurrent)
     return SearchGenerator(FinalistSearch(inner, num_search=3, twins=2, seeds=2, base_alpha=0.5, base_seed=0,
@@ -86,7 +86,7 @@ def _generator(max_concurrent=2):
 def test_finalist_search_waits_for_the_search_then_issues_each_extra_trial_once_across_a_restore(tmp_path):
     from ray.tune.search import Searcher
 
-    from sweep.ray_parts import ROLE
+    from sweep.ray_search import ROLE
 
     gen = _generator()
     fs = gen.searcher
@@ -136,7 +136,7 @@ def test_finalist_search_waits_for_the_search_then_issues_each_extra_trial_once_
 def test_asha_never_stops_a_rerun_or_twin_and_keeps_them_out_of_its_rungs(tmp_path):
     from types import SimpleNamespace
 
-    from sweep.ray_parts import ResumableASHA
+    from sweep.ray_scheduler import ResumableASHA
 
     def trial(tid, **config):
         return SimpleNamespace(trial_id=tid, config=config)
