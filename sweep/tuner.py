@@ -235,6 +235,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         prep = _prepare_for_sweep(cfg, space, log)
         stamp(folder, cfg)
         cfg.task_def.save_artifacts(folder, prep)
+        write_hparams_experiment(folder, cfg, space)
         from ray import tune
 
         from .ray_callbacks import trial_dirname
@@ -255,6 +256,47 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
         )
         claim.commit()  # the sweep starts now: the one it replaces goes
     return _fit_and_report(tuner, folder, cfg, total, log)
+
+
+HPARAMS_RUN = "hparams"  # the sweep folder's TensorBoard run that holds the HParams table's columns
+
+
+def searched_keys(space) -> list[str]:
+    """The config keys a search space sets, in its order (a choice of groups sets each group's keys)."""
+    keys: list[str] = []
+    for name, p in space.params.items():
+        for key in ([k for group in p.choices.values() for k in group] if isinstance(p.choices, dict) else [name]):
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
+    """TensorBoard's HParams table for the sweep (`sweep tensorboard`): the searched parameters as its columns
+    (TensorBoard orders them by name), under the flat names the trials write them with (student.hidden_dim ->
+    hidden_dim), then the metrics that matter (validation, test, cost, size); the whole config, whose other values
+    every trial shares, as a text summary. Without it TensorBoard lists every constant, by name, and shows the
+    first five: base_lr, batch_size, betas, device before any searched one."""
+    import yaml
+
+    from trainable.loop import write_experiment
+
+    task, raw = cfg.task_def, cfg.model_dump()
+
+    def value(key: str):
+        node = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node if isinstance(node, (bool, int, float, str)) else 0.0
+
+    hparams = {key.split(".")[-1]: value(key) for key in searched_keys(space) if "." in key}
+    metrics = [m.replace("_", "/", 1) for m in task.metrics]
+    if task.test_key:
+        metrics.append(task.test_key.replace("_", "/", 1))
+    metrics += [f"cost/{m}" for m in ("latency_ms", "export_kb") if m in task.measures] + ["model/size_kb"]
+    text = (f"Searched: {', '.join(searched_keys(space))}. Every other value below is the same in every trial.\n\n"
+            + "\n".join(f"    {ln}" for ln in yaml.safe_dump(raw, sort_keys=False).splitlines()))
+    write_experiment(folder / HPARAMS_RUN, hparams, metrics, text)
 
 
 def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None = None) -> int:

@@ -360,6 +360,9 @@ _NOT_ATOMIC_ON_PURPOSE = {
         "the download is written under its own temporary name (.NAME.download), checked, then renamed",
     ("trainable/loop.py", "_open_writer", "SummaryWriter"):
         "TensorBoard appends event records as training goes; its reader skips a cut last record",
+    ("trainable/loop.py", "write_experiment", "SummaryWriter"):
+        "a sweep's HParams columns, one TensorBoard event file written at launch; a cut one loses only that table's "
+        "order (TensorBoard then builds it from the trials)",
     ("sweep/tuner.py", "check_shared_storage", "write_text"):
         "an empty probe file, written to see whether every node sees the results folder, then removed",
     ("sweep/ray_search.py", "save", "save"):

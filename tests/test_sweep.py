@@ -120,6 +120,35 @@ def test_every_trial_has_readable_tensorboard_curves(sweep):
         assert "_hparams_/session_start_info" in acc.summary_metadata
 
 
+def test_tensorboards_hparams_table_leads_with_the_searched_parameters(sweep):
+    """What `sweep tensorboard`'s HParams table shows: TensorBoard takes its columns from the one experiment it
+    finds, which the sweep writes (the searched parameters, then validation, test, cost and size); no trial writes
+    one of its own, and each trial's session and scalars fill those columns."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from sweep.tuner import HPARAMS_RUN
+
+    acc = EventAccumulator(str(sweep["folder"] / HPARAMS_RUN))
+    acc.Reload()
+    experiment = metadata.parse_experiment_plugin_data(
+        acc.summary_metadata[metadata.EXPERIMENT_TAG].plugin_data.content)
+    # Only the searched parameters (TensorBoard lists them by name); no constant such as base_lr or device.
+    assert sorted(h.name for h in experiment.hparam_infos) == ["alpha", "embedding_dim", "hidden_dim", "lr",
+                                                               "temperature"]
+    tags = [m.name.tag for m in experiment.metric_infos]
+    assert tags == ["val/acc", "val/loss", "test/acc", "cost/latency_ms", "cost/export_kb", "model/size_kb"]
+    assert "config/text_summary" in acc.Tags()["tensors"]  # the constants, as text
+    for trial_dir in (r["trial_dir"] for r in pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()):
+        t = EventAccumulator(str(sweep["folder"] / trial_dir / "tb"))
+        t.Reload()
+        assert metadata.EXPERIMENT_TAG not in t.summary_metadata, trial_dir  # it would compete for the columns
+        session = metadata.parse_session_start_info_plugin_data(
+            t.summary_metadata[metadata.SESSION_START_INFO_TAG].plugin_data.content)
+        assert {h.name for h in experiment.hparam_infos} <= set(session.hparams), trial_dir
+        assert set(tags) <= set(t.Tags()["scalars"]), (trial_dir, t.Tags()["scalars"])
+
+
 def test_optuna_study_holds_every_trial_with_pruned_ones(sweep):
     rows = pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()
     with sqlite3.connect(sweep["folder"] / "optuna.db") as db:

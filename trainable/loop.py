@@ -219,11 +219,31 @@ def _open_writer(tb_dir: Path, hparams: dict, metric_tags: tuple[str, ...]):
 
     writer = SummaryWriter(str(tb_dir))
     # Written at the start (not at the end, as add_hparams does in a sub-folder) so the HParams view shows the
-    # run while it trains and links it to the validation curves in the same folder.
-    exp, ssi, sei = hparams_summary(hparams, {tag: 0.0 for tag in metric_tags})
-    for s in (exp, ssi, sei):
+    # run while it trains and links it to the validation curves in the same folder. The run's session only, not an
+    # experiment: TensorBoard takes the first experiment it finds as the whole table's columns, so a sweep writes
+    # one for all its trials (`write_experiment`: the searched parameters); without one, TensorBoard builds the
+    # table from the sessions, the parameters that differ between runs first.
+    _exp, ssi, sei = hparams_summary(hparams, {tag: 0.0 for tag in metric_tags})
+    for s in (ssi, sei):
         writer.file_writer.add_summary(s)
     return writer
+
+
+def write_experiment(tb_dir: Path, hparams: dict, metric_tags: list[str], text: str | None = None) -> None:
+    """A TensorBoard HParams experiment for a folder of runs (a sweep's trials): the columns of its HParams table,
+    in this order (`hparams`: name -> an example value, for its type; `metric_tags`: scalar tags), and, as a text
+    summary, what the runs share (`text`: e.g. the config's constants)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    exp, _ssi, _sei = hparams_summary(hparams, {tag: 0.0 for tag in metric_tags})
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        writer.file_writer.add_summary(exp)
+        if text:
+            writer.add_text("config", text)
+    finally:
+        writer.close()
 
 
 # ----------------------------------------------------------------------------- the loop, for every task
@@ -357,6 +377,15 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
                     writer.add_scalar(f"train/{k}", v, epoch)
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
+                for k, v in test_scores.items():  # the held-out score of the best weights so far
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(f"test/{k}", v, epoch)
+                if epoch == start_epoch:  # what the run costs, for the HParams table: once
+                    writer.add_scalar("model/params", params, epoch)
+                    writer.add_scalar("model/size_kb", size_kb, epoch)
+                    for k, v in (cost or {}).items():
+                        if k != "cost_time_s" and isinstance(v, (int, float)):
+                            writer.add_scalar(f"cost/{k}", v, epoch)
                 if lr is not None:
                     writer.add_scalar("lr", lr, epoch)
                 writer.flush()
