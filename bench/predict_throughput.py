@@ -30,9 +30,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sweep.export import RUNTIME_FILES, label_texts, load_runtime  # noqa: E402
 from trainable.config import DataConfig  # noqa: E402
 from trainable.data import EncodedSplit, encode_texts, read_table  # noqa: E402
+from trainable.tasks.classify import RUNTIME_FILES, label_texts, load_runtime  # noqa: E402
 
 NSMC_DIRS = [ROOT.parent / "shared" / "data" / "nsmc", ROOT / "data" / "nsmc"]
 

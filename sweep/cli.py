@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -67,8 +66,6 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from trainable.io import write_json
-    from trainable.loop import train_student
-    from trainable.prepare import prepare, student_inputs
     from trainable.tasks import train_task
 
     from .config import ConfigError, check_writable, load_config, metric_of
@@ -93,39 +90,19 @@ def cmd_train(args) -> int:
         cfg, _ = load_config(run_dir / "config.yaml", args.set)
     # --force sets the old folder aside until this run's first checkpoint exists; a failure before that puts it back.
     claim = Claim(run_dir, force=args.force, resume=resume_from is not None, log=log)
-    prep = None
+    task = cfg.task_def
     with claim:
-        if cfg.task != "classify":
-            task = cfg.task_def
-            inputs = task.trial_inputs(task.prepare(cfg, log))
-            stamp(run_dir, cfg)
-            metric, mode = metric_of(cfg)  # `sweep.metric` picks the kept weights here too
-            result = train_task(task, cfg, inputs, metric=metric, mode=mode, run_dir=run_dir, tb_dir=None,
-                                resume_from=resume_from, on_epoch=lambda m, ckpt: claim.commit(),
-                                keep_checkpoints=2, log=log)
-        else:
-            prep = prepare(cfg, log, need_teacher=cfg.train.alpha < 1.0)
-            stamp(run_dir, cfg)
-            data, logits = student_inputs(prep.encoded, prep.logits, cfg)
-            if data.transfer is not None:
-                log(f"student: {len(data.train)} labelled + {len(data.transfer)} transfer rows per epoch")
-            metric, mode = metric_of(cfg)  # `sweep.metric` picks the kept weights here too
-            result = train_student(cfg.student, cfg.train, data, logits, num_classes=cfg.data.num_classes,
-                                   run_dir=run_dir, resume_from=resume_from, log=log,
-                                   on_epoch=lambda m, ckpt: claim.commit(), metric=metric, mode=mode)
+        prepared = task.prepare(cfg, log)  # this one run's inputs (a sweep's prepare covers its whole space)
+        inputs = task.trial_inputs(prepared)
+        stamp(run_dir, cfg)
+        metric, mode = metric_of(cfg)  # `sweep.metric` picks the kept weights here too
+        result = train_task(task, cfg, inputs, metric=metric, mode=mode, run_dir=run_dir, tb_dir=None,
+                            resume_from=resume_from, on_epoch=lambda m, ckpt: claim.commit(), keep_checkpoints=2,
+                            log=log)
         claim.commit()
-    out = asdict(result)
-    out.pop("history")
-    if prep is not None and prep.teacher is not None:
-        out["teacher"] = {"paths": [str(t.path) for t in prep.teacher.members], **prep.teacher.metrics}
+    out, line = task.run_result(result, prepared)
     write_json(run_dir / "result.json", out)
-    if prep is None:
-        log(f"{cfg.task}: best {result.metric} {result.best:.4f}, test " + ", ".join(
-            f"{k} {v:.4f}" for k, v in result.test.items()) + f", params {result.params}, "
-            f"{result.samples_per_s:.0f} samples/s")
-    else:
-        log(f"student: val_acc {result.val_acc:.4f} test_acc {result.test_acc:.4f} params {result.params} "
-            f"size {result.size_kb:.1f} KiB, {result.samples_per_s:.0f} samples/s")
+    log(line)
     log(f"run folder: {run_dir}")
     print(json.dumps(out))
     return 0
@@ -193,33 +170,20 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from .config import ConfigError
-    from .export import label_texts, load_runtime
-    from .tools import export_task, read_input_texts, task_predict
+    from .tools import open_predictor, read_input_texts
 
     if not args.text and args.file is None:
         raise ConfigError("sweep predict: give TEXT arguments or --file PATH (- for stdin)")
     texts = list(args.text) + (read_input_texts(args.file, args.column) if args.file is not None else [])
-    task = export_task(Path(args.model_dir), args.task)
-    if task != "classify":  # an export of another task (lm: loss and perplexity; tagger: tags), in its own format
-        t0 = time.perf_counter()
-        rows = task_predict(Path(args.model_dir), task, texts)
-        for row in rows:
-            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-        seconds = time.perf_counter() - t0
-        log(f"{task}: {len(texts)} texts in {seconds:.2f} s ({len(texts) / max(seconds, 1e-9):.0f} samples/s)")
-        return 0
-    forward, tok, meta = load_runtime(Path(args.model_dir), args.runtime)
+    task, predict = open_predictor(Path(args.model_dir), args.task, args.runtime, args.batch_size)
     t0 = time.perf_counter()
-    probs = label_texts(forward, tok, texts, meta["max_length"], args.batch_size)
+    rows = predict(texts)
     seconds = time.perf_counter() - t0
-    out = sys.stdout
-    for text, p in zip(texts, probs):
-        out.write(json.dumps({"text": text, "label": int(p.argmax()), "probs": [round(float(x), 4) for x in p]},
-                             ensure_ascii=False) + "\n")
-    out.flush()
-    log(f"labelled {len(texts)} rows in {seconds:.2f} s ({len(texts) / max(seconds, 1e-9):.0f} samples/s, "
-        f"{args.runtime}, batch {args.batch_size})")
+    for row in rows:
+        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    how = f", {args.runtime}, batch {args.batch_size}" if len(task.runtimes) > 1 else ""  # which runtime ran
+    log(f"{task.name}: {len(texts)} texts in {seconds:.2f} s ({len(texts) / max(seconds, 1e-9):.0f} samples/s{how})")
     return 0
 
 
@@ -329,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     def with_runtime(sp):
-        # Checked by export.load_runtime (importing export here would load torch for every command).
+        # Checked against the export's task's runtimes (sweep.tools.open_predictor) once the export is known.
         sp.add_argument("--runtime", default="eager",
                         help="eager (student.pt), torchscript (student.ts), int8 (student.int8.ts), "
                         "onnx (student.onnx)")

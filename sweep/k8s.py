@@ -235,13 +235,15 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
 
 
 def _auto_gpu(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int) -> tuple[float, int, str]:
+    from trainable.tasks import has_hook
+
     from .resources import size_gpu
 
     if gpus_per_worker == 0:
         return 0.0, 0, "resources: gpu auto: no GPU per worker (--gpus-per-worker 0); running on CPU"
-    if cfg.task != "classify":  # the estimate is the BiLSTM student's, as in sweep run
-        raise ConfigError(f"sweep.resources.gpu: auto sizes the classify task's BiLSTM students; for task "
-                          f"{cfg.task}, give the GPU fraction per trial as a number")
+    if not has_hook(cfg.task_def, "gpu_memory"):  # as sweep run says (resources.size_gpu), before asking for memory
+        raise ConfigError(f"sweep.resources.gpu: auto: task {cfg.task_def.name} gives no memory estimate; give the "
+                          f"GPU fraction per trial as a number")
     if gpu_memory_gib is None or not gpu_memory_gib > 0:
         raise ConfigError("sweep.resources.gpu: auto: give --gpu-memory GIB, the memory of one of the workers' "
                           "GPUs (e.g. 24 for an A10G or L4, 80 for an H100), or --set sweep.resources.gpu=F")

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainable.io import atomic_path, write_text
+from trainable.tasks import fmt_number
 
 from .config import SECOND_OBJECTIVE, ConfigError, Config, metric_of, validate
 from .counts import constraint_values, is_feasible, is_finished
@@ -39,11 +40,11 @@ def load_sweep_config(folder: Path, allow_task_code: bool = False) -> Config:
     it is loaded only with `allow_task_code` (the user's `--allow-task-code`), so opening a folder we did not
     write runs nothing of its choosing."""
     from trainable.config import yaml_load
-    from trainable.tasks import is_builtin
+    from trainable.tasks import DEFAULT_TASK, is_builtin
 
     path = folder / "config.yaml"
     raw = yaml_load(path.read_text(encoding="utf-8"))
-    task = raw.get("task", "classify") if isinstance(raw, dict) else "classify"
+    task = raw.get("task", DEFAULT_TASK) if isinstance(raw, dict) else DEFAULT_TASK
     if not allow_task_code and not is_builtin(task):
         raise ConfigError(f"{path}: task: {task} is a task module (code), not a built-in task; it runs only with "
                           f"--allow-task-code")
@@ -354,12 +355,7 @@ def write_trials_parquet(folder: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _fmt(v, nd=4):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
-    return str(v)
+_fmt = fmt_number  # the report's number format, shared with the tasks' own report lines
 
 
 def _save_png(fig, path: Path) -> None:
@@ -484,7 +480,6 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in
               (STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED, STATUS_INCOMPLETE)}
     n_extra = sum(1 for r in rows if r.get("kd_role", "search") != "search")
-    teacher = json.loads((folder / "teacher.json").read_text()) if (folder / "teacher.json").is_file() else {}
     cmd = (folder / "command.txt").read_text().splitlines()[0] if (folder / "command.txt").is_file() else "?"
     lines = [f"# Sweep `{cfg.name}`", "",
              f"- command: `{cmd}`",
@@ -501,18 +496,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
             per_node[ip] = per_node.get(ip, 0) + 1
     if len(per_node) > 1:  # a cluster: where the trials ran (a trial moved by a retry counts on both)
         lines.append("- nodes: " + ", ".join(f"{ip} ({n} trial{'s' * (n != 1)})" for ip, n in sorted(per_node.items())))
-    if teacher:
-        members = teacher.get("members")
-        if members:
-            lines.append("- teacher: an ensemble of " + ", ".join(
-                f"{m['source']} (test acc {_fmt(m.get('test_acc'))}, weight {_fmt(w, 2)})"
-                for m, w in zip(members, teacher.get("weights", [None] * len(members)))))
-        if teacher.get("transfer_rows"):
-            lines.append(f"- transfer set: {teacher['transfer_rows']} unlabeled rows labelled by the teacher")
-        source = "ensemble" if members else cfg.teacher.source
-        lines.append(f"- teacher: {source} (val acc {_fmt(teacher.get('val_acc'))}, "
-                     f"test acc {_fmt(teacher.get('test_acc'))})")
-    lines += task.report_lines(folder, cfg)
+    lines += task.report_lines(folder, cfg)  # the task's own (classify: its teacher and transfer set)
     sizing = folder / "gpu_sizing.json"  # written by sweep.resources.gpu: auto
     if sizing.is_file():
         g = json.loads(sizing.read_text())

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from trainable.data import DataError
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from trainable.tasks import Task
 
 
 def _one_line(e: Exception) -> DataError:
@@ -55,22 +58,14 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: i
 
 def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_column: str = "label", *,
              runtime: str = "eager", batch_size: int = 512, task_file: str | None = None) -> dict:
-    """The exported model's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns): a
-    student of the classify task, or another task's export whose `predict` labels texts (a transformer teacher).
-    `task_file`: the user's `--task` (see `export_task`)."""
+    """The exported model's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns): an
+    export whose manifest names its classes (`num_classes`: a student, a transformer teacher), labelled by its
+    task's `predict`. `task_file`: the user's `--task` (see `export_task`)."""
     from trainable.config import DataConfig
     from trainable.data import read_table
 
-    from .export import label_texts, load_runtime
-
-    task = export_task(model_dir, task_file)
-    if task == "classify":
-        forward, tok, meta = load_runtime(model_dir, runtime)
-        num_classes = meta["num_classes"]
-    else:
-        if runtime != "eager":
-            raise ConfigError(f"--runtime {runtime}: a {task} export runs in eager PyTorch only")
-        num_classes = _export_num_classes(model_dir, task)
+    task, label = open_predictor(model_dir, task_file, runtime, batch_size)
+    num_classes = _export_num_classes(model_dir, task.name)
     cfg = DataConfig(text_column=text_column, label_column=label_column, id_column=None,
                      num_classes=num_classes, download=False)
     try:
@@ -78,10 +73,7 @@ def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_c
     except DataError as e:
         raise _one_line(e) from None
     t0 = time.perf_counter()
-    if task == "classify":
-        preds = label_texts(forward, tok, table.texts, meta["max_length"], batch_size).argmax(1)
-    else:
-        preds = np.array([row["label"] for row in task_predict(model_dir, task, table.texts)], dtype=np.int64)
+    preds = np.array([row["label"] for row in label(table.texts)], dtype=np.int64)
     seconds = time.perf_counter() - t0
     out = {"model": str(model_dir), "file": str(path), "runtime": runtime,
            **classification_metrics(table.labels, preds, num_classes)}
@@ -89,48 +81,62 @@ def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_c
     return out
 
 
-def export_task(model_dir: Path, task_file: str | None = None) -> str:
-    """The task an export folder belongs to: its config.json's `task` (a student's has none: classify). Only a
-    built-in task is taken from the folder: a task module is code, and a folder we did not write must not choose
-    code to run. A custom task's export is opened with the user's own `task_file` (`--task FILE`)."""
-    import json
-
-    from trainable.tasks import BUILTIN, is_builtin
-
-    if task_file is not None:
-        return task_file
-    meta = Path(model_dir) / "config.json"
-    if not meta.is_file():
-        return "classify"  # load_runtime then says what is missing
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{meta}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{meta}: expected a JSON object (an export's description), got {type(data).__name__}")
-    task = data.get("task", "classify")
-    if not is_builtin(task):
-        raise ConfigError(f"{meta}: task: {task!r} is not a built-in task ({', '.join(BUILTIN)}); an exported folder "
-                          f"cannot choose code to run: pass --task FILE to use a task module you trust")
-    return task
-
-
-def task_predict(model_dir: Path, task: str, texts: list[str]) -> list[dict]:
-    from trainable.tasks import TaskError, load_task
+def _manifest(model_dir: Path) -> dict:
+    from trainable.tasks import TaskError, read_manifest
 
     try:
-        return load_task(task).predict(Path(model_dir), texts)
+        return read_manifest(Path(model_dir))
     except TaskError as e:
         raise ConfigError(str(e)) from None
 
 
-def _export_num_classes(model_dir: Path, task: str) -> int:
-    """Classes of a non-classify export, as its export.json records them; an export without classes (a language
-    model, a tagger) cannot be scored."""
-    import json
+def export_task(model_dir: Path, task_file: str | None = None) -> str:
+    """The task an export folder belongs to: its manifest's `task` (`trainable.tasks.read_manifest`; a student
+    exported before the manifest named it: the default task). Only a built-in task is taken from the folder: a
+    task module is code, and a folder we did not write must not choose code to run. A custom task's export is
+    opened with the user's own `task_file` (`--task FILE`)."""
+    from trainable.tasks import BUILTIN, MANIFEST, is_builtin
 
-    path = Path(model_dir) / "export.json"
-    n = json.loads(path.read_text(encoding="utf-8")).get("num_classes") if path.is_file() else None
+    if task_file is not None:
+        return task_file
+    task = _manifest(model_dir)["task"]
+    if not is_builtin(task):
+        raise ConfigError(f"{Path(model_dir) / MANIFEST}: task: {task!r} is not a built-in task "
+                          f"({', '.join(BUILTIN)}); an exported folder cannot choose code to run: pass --task FILE to "
+                          f"use a task module you trust")
+    return task
+
+
+def open_predictor(model_dir: Path, task_file: str | None, runtime: str = "eager",
+                   batch_size: int = 512) -> tuple[Task, Callable[[list[str]], list[dict]]]:
+    """(the export's task, its `predictor`: texts -> one dict per text) in one of the task's runtimes. The export
+    is read here (a missing file is said before any text is); a task's refusal is one line (ConfigError)."""
+    from trainable.tasks import TaskError, load_task
+
+    name = export_task(model_dir, task_file)
+    try:
+        task = load_task(name)
+        if runtime not in task.runtimes:
+            raise TaskError(f"--runtime {runtime}: " + (f"a {name} export runs in eager PyTorch only"
+                                                        if tuple(task.runtimes) == ("eager",)
+                                                        else f"expected one of {list(task.runtimes)}"))
+        predictor = task.predictor(Path(model_dir), runtime=runtime, batch_size=batch_size)
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
+
+    def predict(texts: list[str]) -> list[dict]:
+        try:
+            return predictor(texts)
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
+
+    return task, predict
+
+
+def _export_num_classes(model_dir: Path, task: str) -> int:
+    """The classes an export labels texts with, as its manifest records them; an export without classes (a language
+    model, a tagger) cannot be scored."""
+    n = _manifest(model_dir).get("num_classes")
     if not n:
         raise ConfigError(f"{model_dir}: this {task} export does not label texts with classes; sweep evaluate scores "
                           "classifiers (a student, or a transformer teacher)")

@@ -389,12 +389,13 @@ def _chain_text(e: BaseException) -> str:
 def _stamped_task(folder: Path):
     """The `task` of a sweep folder's config.yaml, as written (None when unreadable)."""
     from trainable.config import yaml_load
+    from trainable.tasks import DEFAULT_TASK
 
     try:
         raw = yaml_load((folder / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return raw.get("task", "classify") if isinstance(raw, dict) else None
+    return raw.get("task", DEFAULT_TASK) if isinstance(raw, dict) else None
 
 
 def resume_sweep(target: str, address: str | None = None, log: Log = print, allow_task_code: bool = False) -> int:

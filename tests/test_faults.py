@@ -367,12 +367,12 @@ _NOT_ATOMIC_ON_PURPOSE = {
         "an empty probe file, written to see whether every node sees the results folder, then removed",
     ("sweep/ray_search.py", "save", "save"):
         "Ray's Searcher.save: Ray names a temporary file, renames it, and copies it to storage through AtomicLocalFS",
-    ("sweep/export.py", "_export_onnx", "export"):
+    ("trainable/tasks/classify.py", "export_onnx", "export"):
         "writes the path it is given; its only caller passes a file inside export's atomic_dir",
-    ("sweep/export.py", "_write_export", "save"):
+    ("trainable/tasks/classify.py", "export", "save"):
         "writes into the folder it is given: its callers pass export_best's atomic_dir temporary (or a member's "
         "folder inside the --pareto export's atomic_dir)",
-    ("sweep/export.py", "_write_export", "copyfile"):
+    ("trainable/tasks/classify.py", "export", "copyfile"):
         "copies the tokenizer into the same atomic_dir temporary",
     ("trainable/cost.py", "_saved_kb", "save"):
         "saves into an in-memory buffer (io.BytesIO) to count the exported size: no file is written",

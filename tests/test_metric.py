@@ -220,7 +220,8 @@ def _first_best(by_epoch: dict[int, dict], key: str, mode: str) -> int:
 
 def test_a_val_loss_sweep_exports_the_best_val_loss_epoch_of_the_best_val_loss_trial(nsmc_dir, cache_dir,
                                                                                         tmp_path):
-    from sweep.export import export_best, load_exported
+    from sweep.export import export_best
+    from trainable.tasks.classify import load_exported
     from sweep.ray_parts import FINALISTS_FILE
     from trainable.config import ExperimentConfig
     from trainable.loop import evaluate, load_checkpoint, trial_checkpoints

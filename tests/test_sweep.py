@@ -182,7 +182,7 @@ def test_export_and_predict(sweep, tmp_path, nsmc_dir):
     import numpy as np
     import torch
 
-    from sweep.export import load_exported
+    from trainable.tasks.classify import load_exported
     from trainable.data import EncodedSplit, encode_texts
 
     model, tok, _ = load_exported(out)

@@ -86,7 +86,7 @@ def test_predict_file_and_stdin_give_the_labels_of_text_arguments(tools_sweep, r
     assert _labels(by_stdin.stdout) == expected
 
     # In-process: the library's predict, and the same texts read from a TSV (file and stdin) and a Parquet file.
-    from sweep.export import predict
+    from trainable.tasks.classify import predict
     from sweep.tools import read_input_texts
 
     assert [lab for _, lab, _ in predict(tools_sweep["model"], texts, batch_size=5)] == expected
@@ -181,7 +181,7 @@ def _encode(model_dir: Path, texts: list[str]) -> tuple[torch.Tensor, torch.Tens
 def test_onnx_logits_equal_the_eager_students(tools_sweep, reviews):
     import onnxruntime as ort
 
-    from sweep.export import load_exported
+    from trainable.tasks.classify import load_exported
 
     model_dir = tools_sweep["model"]
     model, _, _ = load_exported(model_dir)
@@ -218,7 +218,7 @@ def test_int8_copy_loads_and_predicts(tools_sweep, reviews, tmp_path, capsys):
     assert abs(change["val_acc_change"]) < 0.03 and change["val_rows"] == 400
     int8 = torch.jit.load(str(model_dir / "student.int8.ts"))
     tokens, lengths = _encode(model_dir, reviews.texts)
-    from sweep.export import load_exported
+    from trainable.tasks.classify import load_exported
     model, _, _ = load_exported(model_dir)
     with torch.no_grad():
         agree = (int8(tokens, lengths).argmax(1) == model(tokens, lengths).argmax(1)).float().mean()

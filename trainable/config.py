@@ -242,7 +242,7 @@ class ExperimentConfig(Section):
     shared sections it needs (`data`, `train`, ...) and ignores the others. `trainable.tasks.validate_config`
     validates a whole config, its task's section and checks included."""
 
-    task: str = "classify"
+    task: str = "classify"  # the default task, one place: trainable.tasks.DEFAULT_TASK reads it from here
     name: str = Field("kd", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

@@ -1,4 +1,4 @@
-"""What a student costs to serve, measured the way it is exported (sweep/export.py): the TorchScript copy of the
+"""What a student costs to serve, measured the way the classify task exports it: the TorchScript copy of the
 portable BiLSTM (one-layer students; deeper ones: the eager model, which is what their export holds) and its int8
 copy, timed on one CPU thread, plus the exported files' sizes. The loop records these with a trial's results.
 

@@ -314,11 +314,10 @@ def fit(job: Job, *, epochs: int, metric: str, mode: str, params: int, size_kb: 
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
-        best = state.get("best", state.get("best_val_acc"))  # (checkpoints before the task seam: val_acc only)
-        test_scores = state.get("test", {"acc": state.get("test_acc")})
+        best, test_scores = state["best"], state["test"]
         best_epoch, best_state = state["best_epoch"], state["best_model"]
         train_time, history = state["train_time_s"], state["history"]
-        kept_by = state.get("metric") or "val_acc"  # (checkpoints before the task seam: val_acc only)
+        kept_by = state["metric"]
         if kept_by != metric:  # e.g. a sweep started before its metric reached the loop: that one decides from here
             best = next((m.get(metric) for m in history if m["epoch"] == best_epoch), None)
             log(f"warning: {resume_from} kept its best weights by {kept_by}; from epoch {start_epoch} on, {metric} "

@@ -2,12 +2,12 @@
 
 A task is a module that defines `TASK`, an instance of a `Task` subclass. The sweep (config, Ray Tune, ASHA,
 Optuna, resume, report, export, TensorBoard) takes its metric, its columns and its work from the task, so a new
-study is one new module and nothing else. A config names its task with `task:` (default `classify`): a built-in
+study is one new module and nothing else. A config names its task with `task:` (default `DEFAULT_TASK`): a built-in
 name (`trainable/tasks/<name>.py`) or the path of a `.py` file that defines `TASK` (relative to the config file).
 
 The contract (see `Task` below for the signatures):
 - `name`: the task's name, also the top-level config section that holds its own options (`section`, a pydantic
-  model; None when the task has none). `uses`: the shared sections it reads (data, tokenizer, train, ...).
+  model; None when the task has none).
 - `metrics`: {name: mode} the task reports every epoch; the first is the default `sweep.metric`. `test_key`:
   the held-out score of the best-validation weights, reported beside it.
 - `prepare(cfg, log, space)`: the expensive shared inputs, made once on the driver, cached by a hash of what
@@ -17,11 +17,17 @@ The contract (see `Task` below for the signatures):
   are the sweep's (`sweep.metric`; None: the task's first): the best weights are those of its best epoch. Most
   tasks build a `trainable.loop.Job` and hand it to `trainable.loop.fit`, which owns epochs, best-weights
   tracking, checkpoints and TensorBoard.
-- `columns`: the report table's columns (title -> a dotted config key, or a result key).
-- `export(trial_dir, cfg, out, log)`: the best trial as a folder the next stage reads.
+- `columns`: the report table's columns (title -> a dotted config key, or a result key). `report_lines`: the
+  task's own lines in the report's summary (classify: its teacher). `run_result`: what `sweep train` writes to
+  result.json and the one line it says.
+- `export(trial_dir, cfg, row, out, log, state=, params=, int8=)`: a trial as a folder the next stage reads, its
+  manifest written by `write_manifest` (`task`, and what `predict` needs, e.g. `num_classes`).
+- `predict(folder, texts)`: one JSON-able dict per text of an export; `predictor(folder, runtime=, batch_size=)`
+  loads the export once for many texts, in one of the task's `runtimes` (`sweep predict`/`evaluate --runtime`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -29,7 +35,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..config import ExperimentConfig
+
 BUILTIN = ("classify", "lm", "tagger", "transformer")
+# The task of a config without `task:` (the schema's default), and of an export whose manifest names none.
+DEFAULT_TASK: str = ExperimentConfig.model_fields["task"].default
+# An export's manifest: what it is (`task`) and what its task's `predict` needs. A task whose config.json is another
+# library's (the transformer's: Hugging Face's, with `task` set in it) writes its own as EXTRA_MANIFEST.
+MANIFEST, EXTRA_MANIFEST = "config.json", "export.json"
 
 
 class TaskError(ValueError):
@@ -48,7 +61,6 @@ class Task:
 
     name: str = ""
     section: Optional[type] = None  # the task's own config section (a trainable.config.Section subclass)
-    uses: tuple[str, ...] = ("data", "train")
     metrics: dict[str, str] = {}  # metric name -> "max" | "min"; the first is the default
     test_key: Optional[str] = None  # e.g. "test_acc": the best-validation weights' held-out score
     # Report table: column title -> "hp:<dotted config key>", a result key, or "@best" (the best value of the
@@ -57,6 +69,7 @@ class Task:
     columns: dict[str, str] = {}
     model_label: str = ""  # the report's Model column (default: the task's name)
     twins: bool = False  # finalists get a no-teacher twin (only for tasks with a teacher)
+    runtimes: tuple[str, ...] = ("eager",)  # what `--runtime` may name for the task's export (eager, the default)
     description: str = ""
 
     # What every trial reports besides the metrics, and so what `sweep.constraints` can limit and the report can
@@ -98,15 +111,34 @@ class Task:
               log: Callable[[str], None], metric: str | None = None, mode: str | None = None):
         raise NotImplementedError
 
+    def run_result(self, result, prepared) -> tuple[dict, str]:
+        """`sweep train`'s result.json content and the line it says, from `train`'s result (a
+        `trainable.loop.FitResult` for a task that trains through `fit`) and what `prepare` made."""
+        out = dataclasses.asdict(result)
+        out.pop("history")
+        return out, (f"{self.name}: best {result.metric} {result.best:.4f}, test "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
+                     + f", params {result.params}, {result.samples_per_s:.0f} samples/s")
+
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log: Callable[[str], None], **options) -> None:
+        """The trial of `trial_dir` (its report row `row`, its config `cfg`) into the empty folder `out`, with a
+        manifest (`write_manifest`). `options`: `state`, the checkpoint to export (its `best_model` weights);
+        `params`, the trial's sampled values; `int8`, the user's `--int8`."""
         raise TaskError(f"task {self.name}: export is not supported")
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:
-        """One JSON-able dict per text from an exported folder (what `sweep predict` prints)."""
+        """One JSON-able dict per text from an exported folder (what `sweep predict` prints); a classifier's
+        carry `label` (what `sweep evaluate` scores)."""
         raise TaskError(f"task {self.name}: predict is not supported")
 
+    def predictor(self, folder: Path, *, runtime: str = "eager",
+                  batch_size: int = 512) -> Callable[[list[str]], list[dict]]:
+        """`predict` over `folder` for many texts: a task whose export is worth loading once, or that has more
+        `runtimes` than eager, loads it here (and raises TaskError for a missing file) and returns the function."""
+        return lambda texts: self.predict(folder, texts)
+
     def report_lines(self, folder: Path, cfg) -> list[str]:
-        """Extra lines for the report's summary (e.g. the teacher)."""
+        """The task's own lines in the report's summary (classify: its teacher and transfer set)."""
         return []
 
     # The planner (`sweep plan`) and GPU sizing (`sweep.resources.gpu: auto`). A task without them gets trial
@@ -130,6 +162,11 @@ class Task:
         """(largest trial's description, estimate) of its peak GPU memory (trainable.memory.MemoryEstimate);
         `values(key)`: every value a dotted key can take in a trial. None: not supported."""
         return None
+
+
+def has_hook(task: Task, name: str) -> bool:
+    """Whether `task` implements the optional hook `name` (e.g. "gpu_memory") rather than inheriting `Task`'s."""
+    return getattr(type(task), name) is not getattr(Task, name)
 
 
 def train_task(task: Task, cfg, inputs: dict, *, metric: str | None, mode: str | None, log: Callable[[str], None],
@@ -170,6 +207,47 @@ def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> t
     return {k: [texts[i] for i in v] for k, v in pick.items()}, key
 
 
+def fmt_number(v, nd: int = 4) -> str:
+    """A number as the report prints it (nd significant digits, trailing zeros dropped; "-" for none or NaN), for the
+    lines a task adds to it (`report_lines`)."""
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def write_manifest(folder: Path, task: str, fields: dict, file: str = MANIFEST) -> None:
+    """An export's manifest, `folder/file` (MANIFEST, or EXTRA_MANIFEST beside another library's config.json):
+    `task` and `fields` (what the task's `predict` needs to rebuild the model; `num_classes` for a classifier)."""
+    from ..io import write_json
+
+    write_json(Path(folder) / file, {"task": task, **fields})
+
+
+def read_manifest(folder: Path) -> dict:
+    """An export's manifest: config.json, with EXTRA_MANIFEST's keys over it where there is one; `task` is
+    DEFAULT_TASK where neither names one (a student exported before its manifest named its task, or a folder with
+    neither file). TaskError, naming the file, for one that is not a JSON object."""
+    import json
+
+    meta: dict = {}
+    for name in (MANIFEST, EXTRA_MANIFEST):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TaskError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise TaskError(f"{path}: expected a JSON object (an export's description), got {type(data).__name__}")
+        meta.update(data)
+    return {"task": DEFAULT_TASK, **meta}
+
+
 _loaded: dict[str, Task] = {}
 _models: dict[tuple, type] = {}
 
@@ -201,10 +279,8 @@ def validate_config(raw: dict, base: type | None = None):
     """A whole config validated: the task it names loaded (TaskError), its section validated by the task's model
     and every other unknown key refused (pydantic's ValidationError), then the task's checks across sections
     (ValueError). `base`: the schema (default trainable.config.ExperimentConfig)."""
-    from ..config import ExperimentConfig
-
     base = base or ExperimentConfig
-    ref = raw.get("task", "classify") if isinstance(raw, dict) else "classify"
+    ref = raw.get("task", DEFAULT_TASK) if isinstance(raw, dict) else DEFAULT_TASK
     if not isinstance(ref, str):
         raise TaskError(f"task: expected a task name or a .py file, got {ref!r}")
     task = load_task(ref)

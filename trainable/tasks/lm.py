@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from ..config import Section
-from . import Task, text_splits
+from . import Task, text_splits, write_manifest
 
 BOS, EOS = 2, 3  # [CLS], [SEP] in trainable.data.SPECIAL_TOKENS
 
@@ -212,7 +212,6 @@ def _prepare_one(cfg, texts: dict[str, list[str]], file_key: str, vocab: int, lo
 class LanguageModel(Task):
     name = "lm"
     section = LMConfig
-    uses = ("data", "tokenizer", "train", "lm")
     metrics = {"val_loss": "min", "val_ppl": "min", "val_bpc": "min"}
     test_key = "test_ppl"
     model_label = "LSTM-LM"
@@ -272,14 +271,14 @@ class LanguageModel(Task):
                    hparams=_hparams(c, cfg.train))
 
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log, state: dict, **options) -> None:
-        from ..io import atomic_path, write_json
+        from ..io import atomic_path
 
         with atomic_path(out / "lm.pt") as tmp:
             torch.save(state["best_model"], tmp)
         with atomic_path(out / "tokenizer.json") as tmp:
             shutil.copyfile(Path(trial_dir).parent / "tokenizers" / f"vocab{cfg.lm.vocab_size}.json", tmp)
-        write_json(out / "config.json", {
-            "task": "lm", "architecture": "LSTMLanguageModel",
+        write_manifest(out, self.name, {
+            "architecture": "LSTMLanguageModel",
             "vocab_size": int(state["best_model"]["embedding.weight"].shape[0]),  # the tokenizer's real size
             "embedding_dim": cfg.lm.embedding_dim, "hidden_dim": cfg.lm.hidden_dim, "num_layers": cfg.lm.num_layers,
             "dropout": cfg.lm.dropout, "max_length": cfg.lm.max_length, "sweep": cfg.name,

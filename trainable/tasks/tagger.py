@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from ..config import Section
-from . import Task, TaskError, text_splits
+from . import Task, TaskError, text_splits, write_manifest
 
 UNK = 1  # 0 is padding
 
@@ -176,7 +176,6 @@ class TaggerJob:
 class Tagger(Task):
     name = "tagger"
     section = TaggerConfig
-    uses = ("data", "train", "tagger")
     metrics = {"val_acc": "max", "val_loss": "min"}
     test_key = "test_acc"
     model_label = "BiLSTM-tagger"
@@ -280,8 +279,8 @@ class Tagger(Task):
             torch.save(weights, tmp)
         write_json(out / "vocab.json", meta["vocab"][:vocab_size])
         write_json(out / "tags.json", meta["tags"])
-        write_json(out / "config.json", {
-            "task": "tagger", "architecture": "BiLSTMTagger", "vocab_size": vocab_size,
+        write_manifest(out, self.name, {
+            "architecture": "BiLSTMTagger", "vocab_size": vocab_size,
             "embedding_dim": cfg.tagger.embedding_dim, "hidden_dim": cfg.tagger.hidden_dim,
             "dropout": cfg.tagger.dropout, "max_length": cfg.tagger.max_length, "num_tags": len(meta["tags"]),
             "sweep": cfg.name, "trial_id": row["trial_id"], "metric": state.get("metric"),

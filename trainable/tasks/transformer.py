@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from ..config import Section
-from . import Task
+from . import EXTRA_MANIFEST, Task, write_manifest
 
 CLS, SEP = 2, 3  # in trainable.data.SPECIAL_TOKENS: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4
 MIN_POSITIONS = 512  # position embeddings, at least (as a scratch teacher): a teacher config may ask for longer input
@@ -275,7 +275,6 @@ def pretrain_texts(data_cfg, rows: int | None, log) -> list[str]:
 class Transformer(Task):
     name = "transformer"
     section = TransformerConfig
-    uses = ("data", "train", "transformer")
     metrics = {"val_acc": "max", "val_loss": "min"}
     test_key = "test_acc"
     model_label = "Transformer"
@@ -354,7 +353,6 @@ class Transformer(Task):
     def export(self, trial_dir: Path, cfg, row: dict, out: Path, log, state: dict, **options) -> None:
         from tokenizers import Tokenizer
 
-        from ..io import write_json
         from ..loop import kept_epoch
 
         if options.get("int8"):
@@ -364,16 +362,16 @@ class Transformer(Task):
         model = build_classifier(c, Tokenizer.from_str(tok_json).get_vocab_size(), cfg.data.num_classes,
                                  cfg.train.seed)
         model.load_state_dict(state["best_model"])
-        model.config.task = "transformer"  # `sweep predict` reads config.json's task to pick this task's predict
+        model.config.task = self.name  # `sweep predict` reads config.json's task to pick this task's predict
         model.save_pretrained(out)
         hf_tokenizer(tok_json, c.max_length).save_pretrained(out)
-        write_json(out / "export.json", {
-            "task": "transformer", "sweep": cfg.name, "trial_id": row["trial_id"],
+        write_manifest(out, self.name, {
+            "sweep": cfg.name, "trial_id": row["trial_id"],
             "metric": state.get("metric"), "val_acc": kept_epoch(state).get("val_acc"),
             "test_acc": row.get("test_acc"), "best_epoch": state.get("best_epoch"),
             "params": row.get("params"), "max_length": c.max_length, "num_classes": cfg.data.num_classes,
             "transformer": c.model_dump(),
-            "train": cfg.train.model_dump()})
+            "train": cfg.train.model_dump()}, file=EXTRA_MANIFEST)
 
     def predict(self, folder: Path, texts: list[str]) -> list[dict]:
         """Class probabilities per text, like an exported student's."""
