@@ -130,7 +130,7 @@ def test_finalist_search_ranks_by_the_sweep_metric_and_writes_its_decisions(tmp_
     copies to the sweep folder), so the file always agrees with the state a resume restores."""
     from ray.tune.search import Searcher
 
-    from sweep.ray_parts import FINALISTS_FILE, FinalistSearch, FolderSearchGenerator
+    from sweep.ray_search import FINALISTS_FILE, FinalistSearch, FolderSearchGenerator
 
     class Numbered(Searcher):
         def __init__(self):
@@ -184,7 +184,7 @@ def test_finalist_search_ranks_by_the_sweep_metric_and_writes_its_decisions(tmp_
 def test_the_report_takes_the_finalists_from_the_decisions_file(tmp_path):
     from sweep.config import validate
     from sweep.report import finalists
-    from sweep.ray_parts import FINALISTS_FILE
+    from sweep.ray_search import FINALISTS_FILE
 
     cfg = validate({"name": "x", "train": {"alpha": 1.0},
                     "sweep": {"metric": "val_loss", "twins": 1, "finalist_seeds": 2}}, "x.yaml")
@@ -222,7 +222,7 @@ def test_a_val_loss_sweep_exports_the_best_val_loss_epoch_of_the_best_val_loss_t
                                                                                         tmp_path):
     from sweep.export import export_best
     from trainable.tasks.classify import load_exported
-    from sweep.ray_parts import FINALISTS_FILE
+    from sweep.ray_search import FINALISTS_FILE
     from trainable.config import ExperimentConfig
     from trainable.loop import evaluate, load_checkpoint, trial_checkpoints
     from trainable.prepare import prepare
