@@ -74,25 +74,38 @@ def seed_style(data, logits: np.ndarray, cfg: TrainConfig, max_len: int, emb: in
     return n * cfg.epochs / t_train, acc
 
 
-def bare_kernel(data, cfg: TrainConfig, emb: int, hid: int) -> float:
-    """Samples/s of the fused kernel alone on the loop's own batches (trainable.loop.bucketed_batches, same seeds)."""
+def bare_kernel(data, cfg: TrainConfig, emb: int, hid: int, student: bool = False) -> float:
+    """Samples/s of the fused kernel alone on the loop's own batches (trainable.loop.bucketed_batches, same seeds).
+    With `student`, our BiLSTMClassifier's forward instead of the one bidirectional `nn.LSTM` call (its two
+    directions run separately, each review's last real token read, so padding never counts): the model's share of
+    what the loop adds, the rest (KD loss, logits gather, checks, batch building) being the loop's."""
     from trainable.loop import bucketed_batches
+    from trainable.student import BiLSTMClassifier
 
     torch.manual_seed(cfg.seed)
     padded, lengths, labels = data.train.padded(), data.train.lengths, torch.from_numpy(data.train.labels)
-    emb_l = nn.Embedding(data.vocab_size, emb, padding_idx=0)
-    lstm = nn.LSTM(emb, hid, 1, batch_first=True, bidirectional=True)
-    fc = nn.Linear(2 * hid, 2)
-    opt = torch.optim.Adam([*emb_l.parameters(), *lstm.parameters(), *fc.parameters()], lr=cfg.lr)
+    if student:
+        model = BiLSTMClassifier(data.vocab_size, emb, hid, 2)
+        params = list(model.parameters())
+    else:
+        emb_l = nn.Embedding(data.vocab_size, emb, padding_idx=0)
+        lstm = nn.LSTM(emb, hid, 1, batch_first=True, bidirectional=True)
+        fc = nn.Linear(2 * hid, 2)
+        params = [*emb_l.parameters(), *lstm.parameters(), *fc.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     rows, seconds = 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        batches = [(torch.from_numpy(padded[i, : int(lengths[i].max())]), labels[i])
+        batches = [(torch.from_numpy(padded[i, : int(lengths[i].max())]), torch.from_numpy(lengths[i]), labels[i])
                    for i in bucketed_batches(lengths, cfg.batch_size, gen)]
         t0 = time.perf_counter()
-        for tokens, y in batches:
-            _, (h, _) = lstm(emb_l(tokens))  # (2, B, H)
-            loss = nn.functional.cross_entropy(fc(torch.cat([h[0], h[1]], dim=1)), y)
+        for tokens, lens, y in batches:
+            if student:
+                out = model(tokens, lens)
+            else:
+                _, (h, _) = lstm(emb_l(tokens))  # (2, B, H)
+                out = fc(torch.cat([h[0], h[1]], dim=1))
+            loss = nn.functional.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -134,6 +147,10 @@ def main() -> None:
     kernel_sps = bare_kernel(data, tcfg, scfg.embedding_dim, scfg.hidden_dim)
     print(f"bare fused kernel on the same batches: {kernel_sps:8.0f} samples/s")
     print(f"loop / kernel: {ours.samples_per_s / kernel_sps:.2f}")
+    model_sps = bare_kernel(data, tcfg, scfg.embedding_dim, scfg.hidden_dim, student=True)
+    print(f"our student's forward, same bare step:  {model_sps:8.0f} samples/s")
+    print(f"of the gap: student forward / kernel {model_sps / kernel_sps:.2f}, loop / student forward "
+          f"{ours.samples_per_s / model_sps:.2f}")
 
 
 if __name__ == "__main__":

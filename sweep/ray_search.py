@@ -121,7 +121,12 @@ class KDOptunaSearch(OptunaSearch):
         super()._setup_study(mode)
         # Named objectives (optuna-dashboard shows "val_acc", not "Objective 0"); a resumed study keeps its names.
         if self._ot_study.metric_names is None:
-            self._ot_study.set_metric_names([self._metric] if isinstance(self._metric, str) else list(self._metric))
+            import warnings
+
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and unchanged since
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self._metric] if isinstance(self._metric, str)
+                                                else list(self._metric))
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
