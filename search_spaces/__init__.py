@@ -130,6 +130,15 @@ class Space:
                 out[name] = value
         return out
 
+    def searched_keys(self) -> list[str]:
+        """The config keys the space samples, in its order (a choice of bundles: each bundle's keys); not `fixed`."""
+        keys: list[str] = []
+        for name, p in self.params.items():
+            for key in ([k for c in p.choices.values() for k in c] if isinstance(p.choices, dict) else [name]):
+                if key not in keys:
+                    keys.append(key)
+        return keys
+
     def define_by_run(self) -> "DefineByRun":
         """An Optuna define-by-run function: samples (conditionally), does no work, returns the config overrides."""
         return DefineByRun(self)

@@ -261,16 +261,6 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
 HPARAMS_RUN = "hparams"  # the sweep folder's TensorBoard run that holds the HParams table's columns
 
 
-def searched_keys(space) -> list[str]:
-    """The config keys a search space sets, in its order (a choice of groups sets each group's keys)."""
-    keys: list[str] = []
-    for name, p in space.params.items():
-        for key in ([k for group in p.choices.values() for k in group] if isinstance(p.choices, dict) else [name]):
-            if key not in keys:
-                keys.append(key)
-    return keys
-
-
 def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
     """TensorBoard's HParams table for the sweep (`sweep tensorboard`): the searched parameters as its columns
     (TensorBoard orders them by name), under the flat names the trials write them with (student.hidden_dim ->
@@ -289,12 +279,13 @@ def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         return node if isinstance(node, (bool, int, float, str)) else 0.0
 
-    hparams = {key.split(".")[-1]: value(key) for key in searched_keys(space) if "." in key}
+    hparams = {key.split(".")[-1]: value(key) for key in space.searched_keys() if "." in key}
     metrics = [m.replace("_", "/", 1) for m in task.metrics]
     if task.test_key:
         metrics.append(task.test_key.replace("_", "/", 1))
     metrics += [f"cost/{m}" for m in ("latency_ms", "export_kb") if m in task.measures] + ["model/size_kb"]
-    text = (f"Searched: {', '.join(searched_keys(space))}. Every other value below is the same in every trial.\n\n"
+    text = (f"Searched: {', '.join(space.searched_keys())}. Every other value below is the same in every search "
+            f"trial (a finalist's rerun changes train.seed, its twin train.alpha to 1).\n\n"
             + "\n".join(f"    {ln}" for ln in yaml.safe_dump(raw, sort_keys=False).splitlines()))
     write_experiment(folder / HPARAMS_RUN, hparams, metrics, text)
 

@@ -195,3 +195,16 @@ def test_a_spaces_fixed_values_reach_the_config_and_a_conflicting_set_is_refused
     assert cfg.train.epochs == 7
     with pytest.raises(ConfigError, match=r"^--set train.epochs: the search space .*space.yaml fixes it to 7"):
         load_config(space, ["train.epochs=3"])
+
+
+def test_a_space_names_the_keys_it_samples_bundles_expanded_fixed_left_out():
+    """What the sweep's HParams table lists as columns (sweep.tuner.write_hparams_experiment)."""
+    from search_spaces import load_space
+
+    space = load_space({"parameters": {
+        "dims": {"type": "categorical", "choices": {"small": {"student.hidden_dim": 16, "student.embedding_dim": 8},
+                                                     "big": {"student.hidden_dim": 64, "student.embedding_dim": 32}}},
+        "train.alpha": {"type": "float", "low": 0.0, "high": 1.0},
+        "train.temperature": {"type": "float", "low": 1.0, "high": 4.0, "when": {"train.alpha": {"lt": 1.0}}}},
+        "fixed": {"train.lr": 0.001}})
+    assert space.searched_keys() == ["student.hidden_dim", "student.embedding_dim", "train.alpha", "train.temperature"]
