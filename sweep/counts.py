@@ -43,9 +43,16 @@ def is_feasible(limits: dict[str, float], result: dict | None) -> bool:
 
 def finalist_count(cfg: Config) -> int:
     """The most extra trials after the search: per finalist N - 1 reruns and N twins (N = finalist_seeds)."""
-    if cfg.sweep.objectives != "accuracy" or not cfg.task_def.twins:  # no single "best", or no teacher to switch off
+    if cfg.sweep.objectives != "accuracy" or not cfg.task_def.twin:  # no single "best", or no teacher to switch off
         return 0
     return cfg.sweep.twins * (2 * cfg.sweep.finalist_seeds - 1)
+
+
+def twin_base(cfg: Config) -> dict[str, Any]:
+    """The sweep config's own values at the keys a twin changes (`Task.twin`): a trial that samples none of them
+    has these."""
+    raw = cfg.model_dump()
+    return {k: dump_get(raw, k) for k in cfg.task_def.twin}
 
 
 def finalist_split(cfg: Config) -> tuple[int, int]:

@@ -382,7 +382,7 @@ def make_plan(cfg: Config, space, log: Log = lambda m: None, time_it: bool = Tru
     idle = plan.idle = load_share(c * trial_threads(cfg), 0.0)  # the trials share the cores with each other
 
     def epoch_s(trial: dict, teacher: bool = True) -> float:
-        train, evaluated = task.epoch_rows(trial if teacher else {**trial, "train.alpha": 1.0}, rows)
+        train, evaluated = task.epoch_rows(trial if teacher else {**trial, **task.twin}, rows)
         w = task.work_per_row(trial)
         return (train * speed.train_s(w) + evaluated * speed.eval_s(w)) / idle
 

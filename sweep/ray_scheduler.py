@@ -2,7 +2,6 @@
 restart, finalists' reruns and twins kept out, trials that miss `sweep.constraints` stopped at their first result."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from . import ray_search
 from .counts import is_feasible
 from .ray_search import ROLE, is_extra
+from .results import read_trials
 
 
 class ResumableASHA(ASHAScheduler):
@@ -63,27 +63,16 @@ class ResumableASHA(ASHAScheduler):
 
     def replay(self, folder: Path) -> int:
         n = 0
-        for rfile in folder.glob("*/result.json"):
-            params = rfile.parent / "params.json"
-            try:
-                if params.is_file() and json.loads(params.read_text()).get(ROLE):
-                    continue
-            except (OSError, ValueError):
-                pass
-            rows = []
-            for line in rfile.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-            rows = sorted((r for r in rows if self._time_attr in r and self._metric in r), key=lambda r: r[self._time_attr])
+        for rec in read_trials(folder):  # Ray's rows, filled from the checkpoints where they never arrived
+            if rec.params.get(ROLE):
+                continue
+            rows = [r for r in rec.by_epoch.values() if self._time_attr in r and self._metric in r]
             if not rows or self._infeasible(rows[0]):  # (stopped at its first result, out of the rungs)
                 continue
-            tid = rows[-1]["trial_id"]
-            bracket = self._trial_info.get(tid, self._brackets[0])
+            bracket = self._trial_info.get(rec.trial_id, self._brackets[0])
             for milestone, recorded in bracket._rungs:
                 first = next((r for r in rows if r[self._time_attr] >= milestone), None)
                 if first is not None and math.isfinite(first[self._metric]):
-                    recorded.setdefault(tid, self._metric_op * first[self._metric])
+                    recorded.setdefault(rec.trial_id, self._metric_op * first[self._metric])
                     n += 1
         return n

@@ -13,6 +13,8 @@ import optuna
 from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from trainable.tasks import has_twin
+
 from .counts import constraint_values, is_feasible, is_finished
 from .samplers import RAY_TRIAL_ATTR
 
@@ -206,21 +208,21 @@ def pick_finalists(done: dict[str, dict], *, twins: int, max_epochs: int, mode: 
     return [tid for tid, _ in sorted(finished, key=lambda x: (sign * x[1], x[0]))[:twins]]
 
 
-def finalist_trials(done: dict[str, dict], configs: dict[str, dict], *, twins: int, seeds: int, base_alpha: float,
-                    base_seed: int, max_epochs: int, mode: str = "max") -> list[dict]:
+def finalist_trials(done: dict[str, dict], configs: dict[str, dict], *, twins: int, seeds: int, twin: dict,
+                    base: dict, base_seed: int, max_epochs: int, mode: str = "max") -> list[dict]:
     """The extra trials once the search is over. `done` as for `pick_finalists`, whose finalists these are;
     `configs`: search trial id -> its config. Each finalist gets `seeds - 1` reruns with the next seeds (its own
-    trial is the first seed) and, unless it already has no teacher (alpha 1), a twin per seed: the same config with
-    train.alpha 1 (no teacher)."""
+    trial is the first seed) and, unless it already has no teacher, a twin per seed: the same config with what the
+    task's twin changes (`twin`, `Task.twin`; classify: train.alpha 1), `base` being the sweep's values there."""
     extra = []
     for tid in pick_finalists(done, twins=twins, max_epochs=max_epochs, mode=mode):
         cfg = configs[tid]
         seed0 = cfg.get("train.seed", base_seed)
         for i in range(1, seeds):
             extra.append({**cfg, "train.seed": seed0 + i, ROLE: "rerun", OF: tid})
-        if cfg.get("train.alpha", base_alpha) < 1.0:
+        if has_twin(twin, lambda k: cfg.get(k, base.get(k))):
             for i in range(seeds):
-                extra.append({**cfg, "train.alpha": 1.0, "train.seed": seed0 + i, ROLE: "twin", OF: tid})
+                extra.append({**cfg, **twin, "train.seed": seed0 + i, ROLE: "twin", OF: tid})
     return extra
 
 
@@ -232,12 +234,15 @@ class FinalistSearch(Searcher):
     The finalists are the best by the wrapped searcher's metric and mode (the sweep's); `decisions` are what
     FolderSearchGenerator writes to FINALISTS_FILE with every snapshot of this state."""
 
-    def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, base_alpha: float,
+    def __init__(self, searcher: Searcher, *, num_search: int, twins: int, seeds: int, twin: dict, base: dict,
                  base_seed: int, max_epochs: int, max_concurrent: int, constraints: dict[str, float] | None = None):
         self.searcher = searcher
         self.constraints = dict(constraints or {})  # `sweep.constraints`: the finalists are feasible trials
         self.num_search, self.twins, self.seeds = num_search, twins, seeds
-        self.base_alpha, self.base_seed, self.max_epochs = base_alpha, base_seed, max_epochs
+        # What a twin changes and the sweep's values there (plain data: this object is pickled with the sweep).
+        # A state saved before them had base_alpha; set_state keeps these, from the resumed sweep's config.
+        self.twin, self.base = dict(twin), dict(base)
+        self.base_seed, self.max_epochs = base_seed, max_epochs
         self.max_concurrent = max_concurrent
         self.configs: dict[str, dict] = {}  # search trial id -> config
         self.done: dict[str, dict] = {}  # search trial id -> what decides the finalists
@@ -266,7 +271,7 @@ class FinalistSearch(Searcher):
         if self.queue is None:
             self.finalists = pick_finalists(self.done, twins=self.twins, max_epochs=self.max_epochs, mode=self.mode)
             self.queue = finalist_trials(self.done, self.configs, twins=self.twins, seeds=self.seeds,
-                                         base_alpha=self.base_alpha, base_seed=self.base_seed,
+                                         twin=self.twin, base=self.base, base_seed=self.base_seed,
                                          max_epochs=self.max_epochs, mode=self.mode)
             self.planned = [{"role": e[ROLE], "of": e[OF], "train.seed": e["train.seed"]} for e in self.queue]
         if not self.queue:

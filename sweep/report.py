@@ -1,12 +1,12 @@
 """Results of a sweep: `trials.parquet` (one row per trial), `report.md` (the original study's table, best first),
 and PNG plots (validation curves, accuracy vs parameter count with the Pareto front, hyperparameter importance).
 
-Reads only files in the sweep folder: Ray's per-trial `params.json` / `result.json` / `error.txt` and its
-experiment state (for trial status), plus our `config.yaml` and the Optuna study.
+Reads only files in the sweep folder: the trials through sweep/results.py (Ray's per-trial `params.json` /
+`result.json`, filled from the checkpoints, and its experiment state for trial status), their `error.txt`, plus
+our `config.yaml` and the Optuna study.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 from pathlib import Path
@@ -20,6 +20,7 @@ from trainable.tasks import fmt_number
 
 from .config import SECOND_OBJECTIVE, ConfigError, Config, metric_of, validate
 from .counts import constraint_values, is_feasible, is_finished
+from .results import ray_statuses, read_trials
 
 # The serving cost a trial measured (trainable/cost.py): ms per review at batch 1 and per batch of 64, fp32 and int8,
 # and the exported files' KiB.
@@ -51,59 +52,12 @@ def load_sweep_config(folder: Path, allow_task_code: bool = False) -> Config:
     return validate(raw, str(path))
 
 
-def _ray_statuses(folder: Path) -> dict[str, str]:
-    """trial_id -> Ray status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) from the newest experiment state."""
-    states = sorted(glob.glob(str(folder / "experiment_state-*.json")))
-    if not states:
-        return {}
-    try:
-        data = json.loads(Path(states[-1]).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    for item in data.get("trial_data", []):
-        try:
-            trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
-            out[trial["trial_id"]] = trial.get("status", "")
-        except (KeyError, TypeError, json.JSONDecodeError, IndexError):
-            continue
-    return out
-
-
 def _error_line(path: Path) -> str:
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ("Error" in ln or "Exception" in ln) and ":" in ln and not ln.startswith(("File ", "^", "Traceback")):
             return ln[:500]
     return (lines[-1] if lines else "unknown error")[:500]
-
-
-def _checkpoint_epoch(tdir: Path) -> int:
-    """The newest epoch among the trial's checkpoints, from their small meta.json (0 if none). More than result.json
-    holds when the trial went on after the driver died: resumed, it starts after that epoch and may report nothing."""
-    epochs = [0]
-    for meta in tdir.glob("checkpoint_*/meta.json"):
-        try:
-            epochs.append(int(json.loads(meta.read_text())["epoch"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return max(epochs)
-
-
-def _fill_from_checkpoint(tdir: Path, by_epoch: dict[int, dict]) -> None:
-    """Epochs missing from Ray's result.json are taken from the metric history the newest readable checkpoint
-    carries. Ray copies result.json to storage in the background; when the driver dies or the storage fails before
-    a copy, the resumed trial continues from its newest checkpoint, past the rows that never arrived."""
-    from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
-
-    for ckpt in trial_checkpoints(tdir):
-        try:
-            history = load_checkpoint(ckpt).get("history", [])
-        except (CheckpointError, OSError, RuntimeError):
-            continue
-        for m in history:
-            by_epoch.setdefault(int(m["epoch"]), m)
-        return
 
 
 def _nodes(tdir: Path, by_epoch: dict[int, dict]) -> list[str]:
@@ -136,34 +90,18 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
     them (counts.is_feasible). `log`: where to name the trial folders left out."""
     metric, mode = metric_of(cfg)
     test_key = cfg.task_def.test_key
-    statuses = _ray_statuses(folder)
+    statuses = ray_statuses(folder)
     numbers = optuna_numbers(folder)
     rows, left_out = [], []
-    for params_file in sorted(folder.glob("*/params.json")):
-        tdir = params_file.parent
-        params = json.loads(params_file.read_text())
-        results = []
-        rfile = tdir / "result.json"
-        if rfile.is_file():
-            for ln in rfile.read_text().splitlines():
-                try:
-                    results.append(json.loads(ln))
-                except json.JSONDecodeError:
-                    pass  # a line cut by a crash
-        trial_id = results[-1].get("trial_id") if results else None
-        trial_id = trial_id or tdir.name.removeprefix("trial_")
+    for rec in read_trials(folder):
+        tdir, trial_id, params, by_epoch = rec.folder, rec.trial_id, rec.params, rec.by_epoch
         if statuses and trial_id not in statuses:
             # Started after Ray's last state snapshot by a driver that then died: the resumed sweep ran it again
             # under a new id (its Optuna trial is FAIL, a finalist's rerun or twin was issued again). Not a trial.
             left_out.append(tdir.name)
             continue
-        # A resumed trial repeats no epoch, but keep the last report of each epoch to be safe.
-        by_epoch = {int(r["epoch"]): r for r in results if "epoch" in r}
-        if (by_epoch and len(by_epoch) < max(by_epoch)) or _checkpoint_epoch(tdir) > max(by_epoch, default=0):
-            _fill_from_checkpoint(tdir, by_epoch)
         curve = [by_epoch[e].get(metric) for e in sorted(by_epoch)]
-        last = by_epoch[max(by_epoch)] if by_epoch else {}
-        epochs = max(by_epoch) if by_epoch else 0
+        last, epochs = rec.last, rec.epochs
         ray_status = statuses.get(trial_id, "")
         error = _error_line(tdir / "error.txt") if (tdir / "error.txt").is_file() else None
         warnings = (tdir / "warnings.txt").read_text().strip() if (tdir / "warnings.txt").is_file() else None
@@ -179,7 +117,7 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
             status = STATUS_FINISHED
         else:
             status = STATUS_STOPPED if epochs > 0 else STATUS_INCOMPLETE
-        wall = (results[-1].get("time_total_s") if results else None)
+        wall = rec.last_row.get("time_total_s")
         nodes = _nodes(tdir, by_epoch)
         rows.append({
             "trial_id": trial_id, "optuna_number": numbers.get(trial_id), "trial_dir": tdir.name, "status": status, "error": error, "warnings": warnings,
@@ -306,7 +244,7 @@ def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list
         f = by_id.get(fid)
         if f is None:
             continue
-        no_teacher = _resolved(cfg, f, "train.alpha") >= 1.0
+        no_teacher = not cfg.task_def.has_twin(lambda k: _resolved(cfg, f, k))
         acc = test_accs([f] + [r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "rerun"])
         twin_acc = test_accs([r for r in rows if r.get("kd_of") == fid and r["kd_role"] == "twin"])
         gain = kd_gain(acc, twin_acc) if acc and twin_acc and not no_teacher else None
@@ -554,28 +492,29 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
             return f"{100 * m:.2f}" + (f" ± {100 * sd:.2f} (n={len(accs)})" if cfg.sweep.finalist_seeds > 1 else "")
 
         lines += ["", "## Finalists and their no-teacher twins", "",
-                  "| Finalist | hidden / embedding | loss rate | temperature | Acc (distilled) | Acc (twin: no teacher) "
-                  "| KD gain |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| Finalist | " + "".join(f"{t} | " for t in task.finalist_columns)
+                  + "Acc (distilled) | Acc (twin: no teacher) | KD gain |",
+                  "|---|" + "---:|" * (len(task.finalist_columns) + 3)]
         for e in fin:
             r = e["row"]
             gain = "-" if e["gain"] is None else (f"{100 * e['gain'][0]:+.2f} pt" + (
                 f" ± {100 * e['gain'][1]:.2f}" if len(e["acc"]) > 1 or len(e["twin_acc"]) > 1 else ""))
-            alpha = _resolved(cfg, r, "train.alpha")
             if e["no_teacher"]:
                 gain = "n/a (no teacher)"
-            lines.append(f"| {r['trial_id']} | {_resolved(cfg, r, 'student.hidden_dim')} / "
-                         f"{_resolved(cfg, r, 'student.embedding_dim')} | {_fmt(alpha)} | "
-                         f"{_fmt(_resolved(cfg, r, 'train.temperature'))} | {acc_cell(e['acc'])} | "
-                         f"{acc_cell(e['twin_acc'])} | {gain}{' (incomplete)' if e['pending'] else ''} |")
+            lines.append(f"| {r['trial_id']} | "
+                         + "".join(f"{_fmt(_resolved(cfg, r, k))} | " for k in task.finalist_columns.values())
+                         + f"{acc_cell(e['acc'])} | {acc_cell(e['twin_acc'])} | "
+                         f"{gain}{' (incomplete)' if e['pending'] else ''} |")
+        changed = task.twin_label or ", ".join(f"{k} {v}" for k, v in task.twin.items())
         lines += ["", f"How to read it: the finalists are the {cfg.sweep.twins} best finished "
-                  f"{'feasible ' if cfg.sweep.constraints else ''}search trials (best {metric}). Each is retrained with loss rate 1 (no teacher, no transfer rows) and "
+                  f"{'feasible ' if cfg.sweep.constraints else ''}search trials (best {metric}). Each is retrained with {changed} and "
                   "everything else the same: its twin. Acc is the test accuracy of a run's best-validation weights. "
                   "KD gain = the finalist's mean Acc minus its twin's, in points: what the teacher added to this "
                   "student, measured rather than assumed. With `sweep.finalist_seeds` N > 1, each side is the mean ± "
                   "sample std over n seeds (the finalist's own search trial is its first seed), and the gain's ± is "
                   "the standard error of the difference, sqrt(std_d²/n_d + std_t²/n_t); a gain within about twice "
                   "that of zero is not a gain. With one seed there is no ±, and a gain of a few tenths of a point may "
-                  "be seed noise. A finalist trained without a teacher (loss rate 1) has no twin: n/a. Reruns and "
+                  "be seed noise. A finalist that already trains without a teacher has no twin: n/a. Reruns and "
                   "twins are measurements, never candidates: the ranking below and `sweep export` use search trials "
                   "only."]
     columns = task.columns or {k[3:]: f"hp:{k[3:]}" for k in dict.fromkeys(k for r in rows for k in r)

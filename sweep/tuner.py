@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import SECOND_OBJECTIVE, Config, ConfigError, check_writable, load_config, load_space_for, metric_of
-from .counts import finalist_count, num_samples
+from .counts import finalist_count, num_samples, twin_base
 from .runs import Claim, StorageError, stamp
 
 Log = Callable[[str], None]
@@ -129,7 +129,7 @@ def make_searcher(cfg: Config, space, study_file: Path, max_epochs: int):
 
     return FolderSearchGenerator(FinalistSearch(
         limited, num_search=num_samples(cfg, space), twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
-        base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=max_epochs,
+        twin=cfg.task_def.twin, base=twin_base(cfg), base_seed=cfg.train.seed, max_epochs=max_epochs,
         max_concurrent=cfg.sweep.max_concurrent, constraints=cfg.sweep.constraints))
 
 
@@ -285,15 +285,17 @@ def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
         metrics.append(task.test_key.replace("_", "/", 1))
     metrics += [f"cost/{m}" for m in ("latency_ms", "export_kb") if m in task.measures] + ["model/size_kb"]
     text = (f"Searched: {', '.join(space.searched_keys())}. Every other value below is the same in every search "
-            f"trial (a finalist's rerun changes train.seed, its twin train.alpha to 1).\n\n"
+            f"trial (a finalist's rerun changes train.seed"
+            + "".join(f", its twin {k} to {v}" for k, v in task.twin.items()) + ").\n\n"
             + "\n".join(f"    {ln}" for ln in yaml.safe_dump(raw, sort_keys=False).splitlines()))
     write_experiment(folder / HPARAMS_RUN, hparams, metrics, text)
 
 
-def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None = None) -> int:
+def _expected_trials(cfg: Config, num_search: int, results, folder: Path | None = None) -> int:
     """How many trials a complete run of this sweep has: the search trials, plus the finalist trials that
     FinalistSearch decided on (its FINALISTS_FILE in `folder`). Without the file (the search is not over, or a sweep
-    saved before the file existed), the finalist trials the search's results call for, chosen the same way."""
+    saved before the file existed), the finalist trials the search's results (Ray's `Result`s) call for, chosen the
+    same way."""
     if finalist_count(cfg) == 0:
         return num_search
     import json
@@ -306,13 +308,14 @@ def _expected_trials(cfg: Config, num_search: int, trials, folder: Path | None =
         d = json.loads(decisions.read_text())
         return d["search_trials"] + len(d["extra"])
     metric, mode = metric_of(cfg)
-    search = [t for t in trials if not t.config.get(ROLE)]
-    done = {t.trial_id: {"error": t.status == "ERROR", "epoch": (t.last_result or {}).get("epoch"),
-                         "best": (t.last_result or {}).get(f"best_{metric}"),
-                         "feasible": is_feasible(cfg.sweep.constraints, t.last_result)} for t in search}
-    configs = {t.trial_id: dict(t.config) for t in search}
+    search = [r for r in results if not r.config.get(ROLE) and r.metrics.get("trial_id")]  # (None: never reported)
+    done = {r.metrics["trial_id"]: {"error": r.error is not None, "epoch": r.metrics.get("epoch"),
+                                    "best": r.metrics.get(f"best_{metric}"),
+                                    "feasible": is_feasible(cfg.sweep.constraints, r.metrics)} for r in search}
+    configs = {r.metrics["trial_id"]: dict(r.config) for r in search}
     extra = finalist_trials(done, configs, twins=cfg.sweep.twins, seeds=cfg.sweep.finalist_seeds,
-                            base_alpha=cfg.train.alpha, base_seed=cfg.train.seed, max_epochs=cfg.train.epochs,
+                            twin=cfg.task_def.twin, base=twin_base(cfg), base_seed=cfg.train.seed,
+                            max_epochs=cfg.train.epochs,
                             mode=mode)
     return num_search + len(extra)
 
@@ -335,13 +338,14 @@ def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log)
         ray.shutdown()  # stops the trials now, so their own reports of the same failure come before our line
         raise StorageError(f"results_dir: {problem} while writing {folder}; the sweep stopped, its saved "
                            f"state and checkpoints are intact: fix the storage, then run: sweep resume {folder}")
-    trials = grid._experiment_analysis.trials if grid is not None else []
-    total = _expected_trials(cfg, num_search, trials, folder)
-    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    if grid is None or unfinished or len(trials) < total:
+    # Ray's public ResultGrid: one Result per trial; a trial is over once it terminated or failed.
+    results = list(grid) if grid is not None else []
+    total = _expected_trials(cfg, num_search, results, folder)
+    done = grid.num_terminated + grid.num_errors if grid is not None else 0
+    if grid is None or done < len(results) or len(results) < total:
         # Ray catches Ctrl-C (SIGINT), stops the trials and saves the experiment state before returning.
         build_report(folder, log=log, allow_task_code=True)  # this sweep's own task, already loaded
-        log(f"interrupted after {time.time() - t0:.1f} s: {len(trials) - len(unfinished)} of {total} trials done, "
+        log(f"interrupted after {time.time() - t0:.1f} s: {done} of {total} trials done, "
             f"state saved; continue with: sweep resume {folder}")
         return 130
     log(f"sweep finished in {time.time() - t0:.1f} s")

@@ -14,7 +14,6 @@ import random
 import pytest
 
 
-
 def _events(seed: int, n_trials: int, max_t: int, grace: int, rf: float, tmp_path):
     """The uninterrupted run: trials start in order, two at a time take turns at random, values from a coarse set
     (ties happen). Returns [(trial, epoch, value, decision)] in arrival order."""
@@ -45,20 +44,29 @@ def _events(seed: int, n_trials: int, max_t: int, grace: int, rf: float, tmp_pat
     return log
 
 
-def _resumed(log, cut: int, max_t: int, grace: int, rf: float, folder, replay: bool = True):
+def _resumed(log, cut: int, max_t: int, grace: int, rf: float, folder, replay: bool = True,
+             lost_rows: bool = False):
     """The same results with the driver killed before event `cut`: rows before it are on disk, a new scheduler
-    takes the rest. Returns the decisions it makes after the cut."""
+    takes the rest. Returns the decisions it makes after the cut. `lost_rows`: each trial's last row before the
+    cut never reached its result.json (Ray copies it in the background), but its checkpoint's history has it."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
     from sweep.ray_scheduler import ResumableASHA
+    from trainable.loop import save_checkpoint
 
     folder.mkdir()
+    rows: dict[int, list[dict]] = {}
     for tid, epoch, value, _ in log[:cut]:
-        d = folder / f"trial_{tid}"
-        d.mkdir(exist_ok=True)
-        with (d / "result.json").open("a") as f:
-            f.write(json.dumps({"trial_id": f"t{tid}", "epoch": epoch, "val_acc": value}) + "\n")
+        rows.setdefault(tid, []).append({"trial_id": f"t{tid}", "epoch": epoch, "val_acc": value})
+    for tid, trial_rows in rows.items():
+        d = folder / f"trial_t{tid}"  # as the sweep names trial folders: trial_<Ray's trial id>
+        d.mkdir()
+        (d / "params.json").write_text("{}")
+        kept = trial_rows[:-1] if lost_rows else trial_rows
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if lost_rows:
+            save_checkpoint(d / "checkpoint_000000", {"epoch": trial_rows[-1]["epoch"], "history": trial_rows})
     sched = ResumableASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t, grace_period=grace,
                           reduction_factor=rf, experiment_dir=str(folder))
     if not replay:
@@ -80,13 +88,14 @@ def _resumed(log, cut: int, max_t: int, grace: int, rf: float, folder, replay: b
     return out
 
 
+@pytest.mark.parametrize("lost_rows", [False, True], ids=["rows", "rows-lost-checkpoint-kept"])
 @pytest.mark.parametrize("seed,grace,rf,max_t", [(0, 1, 2, 4), (1, 1, 3, 6), (2, 2, 2, 8)])
-def test_resumed_asha_decides_what_an_uninterrupted_one_decides(tmp_path, seed, grace, rf, max_t):
+def test_resumed_asha_decides_what_an_uninterrupted_one_decides(tmp_path, seed, grace, rf, max_t, lost_rows):
     log = _events(seed, 24, max_t, grace, rf, tmp_path)
     stops = sum(d == "STOP" for *_, d in log)
     assert stops > 5  # the simulated sweep exercises stopping
     for i, cut in enumerate(range(3, len(log) - 1, max(1, len(log) // 7))):
-        got = _resumed(log, cut, max_t, grace, rf, tmp_path / f"cut{i}")
+        got = _resumed(log, cut, max_t, grace, rf, tmp_path / f"cut{i}", lost_rows=lost_rows)
         assert got == [d for *_, d in log[cut:]], f"cut at event {cut}"
 
 

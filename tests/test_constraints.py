@@ -101,7 +101,7 @@ def test_report_counts_the_feasible_trials_names_the_best_infeasible_and_fronts_
     top = max((r for r in rows if r not in feasible), key=lambda r: r["best_val_acc"])
     assert line.startswith(f"- constraints: latency_ms <= 1000, size_kb <= 72: {len(feasible)} of 4 search trials "
                            f"feasible; the best infeasible: trial {top['trial_id']}, val_acc "), line
-    assert re.search(rf"val_acc ([0-9.]+), test_acc [0-9.]+ \(size_kb [0-9.]+ > 72\), ([0-9.]+) val_acc beyond", line)
+    assert re.search(r"val_acc ([0-9.]+), test_acc [0-9.]+ \(size_kb [0-9.]+ > 72\), ([0-9.]+) val_acc beyond", line)
     assert float(re.search(r"val_acc ([0-9.]+),", line).group(1)) == pytest.approx(top["best_val_acc"], abs=1e-4)
     # The front is (val_acc up, latency_ms down) over the feasible trials; --pareto exports the same members.
     dominated = lambda a, b: (b["best_val_acc"] >= a["best_val_acc"] and b["latency_ms"] <= a["latency_ms"]  # noqa: E731

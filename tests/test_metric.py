@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from conftest import run_cli, small_config
+from trainable.tasks.classify import TASK as CLASSIFY
 
 # ----------------------------------------------------------------------------- fit: the best epoch of its metric
 
@@ -151,8 +152,8 @@ def test_finalist_search_ranks_by_the_sweep_metric_and_writes_its_decisions(tmp_
             self.n = int(Path(path).read_text())
 
     def generator():
-        return FolderSearchGenerator(FinalistSearch(Numbered(), num_search=3, twins=1, seeds=2, base_alpha=1.0,
-                                                    base_seed=0, max_epochs=2, max_concurrent=2))
+        return FolderSearchGenerator(FinalistSearch(Numbered(), num_search=3, twins=1, seeds=2, twin=CLASSIFY.twin,
+                                                    base={"train.alpha": 1.0}, base_seed=0, max_epochs=2, max_concurrent=2))
 
     gen, staged = generator(), tmp_path / "staging"
     staged.mkdir()

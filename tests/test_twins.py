@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, kill_driver, run_cli, small_config
+from trainable.tasks.classify import TASK as CLASSIFY
 
 # ----------------------------------------------------------------------------- selection and gain, no Ray
 
@@ -34,16 +35,19 @@ def test_finalists_are_the_best_finished_search_trials_with_reruns_and_twins():
     configs = {t: {"student.hidden_dim": 16, "train.alpha": 0.3} for t in done}
     configs["notchr"] = {"student.hidden_dim": 32, "train.alpha": 1.0}  # already no teacher: no twin
     configs["a"]["train.seed"] = 100  # a searched seed is the finalist's first seed
-    extra = finalist_trials(done, configs, twins=3, seeds=2, base_alpha=0.5, base_seed=7, max_epochs=2)
+    extra = finalist_trials(done, configs, twins=3, seeds=2, twin=CLASSIFY.twin,
+                            base={"train.alpha": 0.5}, base_seed=7, max_epochs=2)
     got = [(e[OF], e[ROLE], e["train.seed"], e["train.alpha"]) for e in extra]
     assert got == [("b", "rerun", 8, 0.3), ("b", "twin", 7, 1.0), ("b", "twin", 8, 1.0),
                    ("notchr", "rerun", 8, 1.0),
                    ("a", "rerun", 101, 0.3), ("a", "twin", 100, 1.0), ("a", "twin", 101, 1.0)]
     assert all(e["student.hidden_dim"] == configs[e[OF]]["student.hidden_dim"] for e in extra)
     # One seed: only the twins; no finalist at all when nothing finished.
-    one = finalist_trials(done, configs, twins=1, seeds=1, base_alpha=0.5, base_seed=7, max_epochs=2)
+    one = finalist_trials(done, configs, twins=1, seeds=1, twin=CLASSIFY.twin,
+                          base={"train.alpha": 0.5}, base_seed=7, max_epochs=2)
     assert [(e[OF], e[ROLE], e["train.seed"]) for e in one] == [("b", "twin", 7)]
-    assert finalist_trials({"x": _done(epoch=1)}, {"x": {}}, twins=3, seeds=2, base_alpha=0.5, base_seed=7,
+    assert finalist_trials({"x": _done(epoch=1)}, {"x": {}}, twins=3, seeds=2,
+                           twin=CLASSIFY.twin, base={"train.alpha": 0.5}, base_seed=7,
                            max_epochs=2) == []
 
 
@@ -79,7 +83,8 @@ def _generator(max_concurrent=2):
     from sweep.ray_search import FinalistSearch
 
     inner = ConcurrencyLimiter(_counting_searcher(), max_concurrent=max_concurrent)
-    return SearchGenerator(FinalistSearch(inner, num_search=3, twins=2, seeds=2, base_alpha=0.5, base_seed=0,
+    return SearchGenerator(FinalistSearch(inner, num_search=3, twins=2, seeds=2, twin=CLASSIFY.twin,
+                                          base={"train.alpha": 0.5}, base_seed=0,
                                           max_epochs=2, max_concurrent=max_concurrent))
 
 
@@ -244,17 +249,22 @@ def _check_finalist_trials(folder: Path, epochs: int, twins: int) -> list[dict]:
     return rows
 
 
-def _gain_cells(report: str) -> dict[str, str]:
+def _finalist_table(report: str) -> dict[str, dict[str, str]]:
+    """The report's finalists table: finalist -> column title -> cell."""
     lines = report.split("## Finalists and their no-teacher twins")[1].strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert "KD gain" in header
-    cells = {}
+    table = {}
     for ln in lines[2:]:
         if not ln.startswith("|"):
             break
         row = dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
-        cells[row["Finalist"]] = row["KD gain"]
-    return cells
+        table[row["Finalist"]] = row
+    return table
+
+
+def _gain_cells(report: str) -> dict[str, str]:
+    return {fid: row["KD gain"] for fid, row in _finalist_table(report).items()}
 
 
 @pytest.mark.slow
@@ -267,6 +277,15 @@ def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir
     rows = _check_finalist_trials(folder, epochs=2, twins=2)
     report = (folder / "report.md").read_text()
     cells = _gain_cells(report)
+    # The table's parameter columns are the task's (Task.finalist_columns), each the finalist's own value.
+    from sweep.config import load_config
+    from sweep.report import _resolved, fmt_number
+
+    stamped, by_id = load_config(folder / "config.yaml")[0], {r["trial_id"]: r for r in rows}
+    for fid, row in _finalist_table(report).items():
+        assert list(row)[1:1 + len(CLASSIFY.finalist_columns)] == list(CLASSIFY.finalist_columns)
+        assert all(row[t] == fmt_number(_resolved(stamped, by_id[fid], k))
+                   for t, k in CLASSIFY.finalist_columns.items()), row
     for fid in {r["kd_of"] for r in rows if r["kd_of"]}:
         runs = [r["test_acc"] for r in rows if r["trial_id"] == fid or (r["kd_of"] == fid and r["kd_role"] == "rerun")]
         twins = [r["test_acc"] for r in rows if r["kd_of"] == fid and r["kd_role"] == "twin"]

@@ -56,6 +56,12 @@ def is_builtin(ref) -> bool:
     return isinstance(ref, str) and ref in BUILTIN
 
 
+def has_twin(twin: dict[str, Any], value: Callable[[str], Any]) -> bool:
+    """Whether a trial whose resolved config value at a dotted key is `value(key)` gets a no-teacher twin, `twin`
+    being what a twin changes (`Task.twin`): there is a teacher to switch off and the trial still trains with it."""
+    return bool(twin) and any(value(k) != v for k, v in twin.items())
+
+
 class Task:
     """Base class of a task. Subclasses set the class attributes and override the methods they need."""
 
@@ -68,7 +74,12 @@ class Task:
     # score, the best metric, step, time, params and size.
     columns: dict[str, str] = {}
     model_label: str = ""  # the report's Model column (default: the task's name)
-    twins: bool = False  # finalists get a no-teacher twin (only for tasks with a teacher)
+    # What a finalist's no-teacher twin changes in its config, dotted key -> value (classify: train.alpha 1, the
+    # hard labels alone). Empty: the task has no teacher to switch off, so its finalists get no twins.
+    twin: dict[str, Any] = {}
+    twin_label: str = ""  # how the report names that change (classify: "loss rate 1 (no teacher, no transfer rows)")
+    # The finalists table's parameter columns: title -> dotted config key (the report shows each side's value).
+    finalist_columns: dict[str, str] = {}
     runtimes: tuple[str, ...] = ("eager",)  # what `--runtime` may name for the task's export (eager, the default)
     description: str = ""
 
@@ -78,6 +89,9 @@ class Task:
 
     def __init__(self):
         self.model_label = self.model_label or self.name
+
+    def has_twin(self, value: Callable[[str], Any]) -> bool:
+        return has_twin(self.twin, value)
 
     @property
     def metric(self) -> str:

@@ -62,7 +62,10 @@ class Classify(Task):
     name = "classify"
     metrics = {"val_acc": "max", "val_loss": "min"}
     test_key = "test_acc"
-    twins = True
+    twin = {"train.alpha": 1.0}
+    twin_label = "loss rate 1 (no teacher, no transfer rows)"
+    finalist_columns = {"hidden": "student.hidden_dim", "embedding": "student.embedding_dim",
+                        "loss rate": "train.alpha", "temperature": "train.temperature"}
     runtimes = RUNTIMES
     description = "distil a teacher into a BiLSTM text classifier"
     model_label = "BiLSTM"
