@@ -255,17 +255,3 @@ def load_space_for(cfg: Config):
         raise ConfigError(f"{space.origin}: parameter {bad}: a grid search needs unconditional categorical "
                           f"parameters only (sweep.searcher is 'grid')")
     return space
-
-
-def student_transfer_rows(cfg: Config) -> int | None:
-    """The most transfer-file rows any trial takes (None: all): prepared once, each trial takes its first rows."""
-    space = load_space_for(cfg)
-    values = space.values_of("data.transfer_rows", numeric_ok=True) if space is not None else []
-    values = values or [cfg.data.transfer_rows]
-    return None if any(v is None for v in values) else max(values)
-
-
-def student_vocab_sizes(cfg: Config) -> list[int]:
-    space = load_space_for(cfg)
-    sizes = space.values_of("tokenizer.vocab_size") if space is not None else []
-    return sorted(set(sizes or [cfg.tokenizer.vocab_size]))

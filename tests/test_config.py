@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from search_spaces import SpaceError, load_space
-from sweep.config import ConfigError, load_config, load_space_for, student_vocab_sizes
+from sweep.config import ConfigError, load_config, load_space_for
 
 ROOT_SPACES = ["quickstart.yaml", "distil_bilstm.yaml", "seed_grid.yaml"]
 
@@ -33,7 +33,9 @@ def test_seed_grid_is_the_study_grid():
     assert space.is_grid and space.grid_size() == 5 * 4 * 5 * 2
     assert space.expand({"dims": "h26_e8"}) == {"student.hidden_dim": 26, "student.embedding_dim": 8,
                                                 "tokenizer.vocab_size": 3000, "data.mirrors": ["../shared/data/nsmc"]}
-    assert student_vocab_sizes(cfg) == [3000]
+    from trainable.tasks.classify import vocab_sizes
+
+    assert vocab_sizes(cfg, space) == [3000]  # the tokenizers classify prepares
 
 
 @pytest.mark.parametrize("raw,expected", [
