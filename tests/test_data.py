@@ -168,3 +168,22 @@ def test_wordpiece_training_is_deterministic_across_runs_and_processes(nsmc_dir)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4] and tok.get_vocab_size() == 8000
     enc = tok.encode("정말 재밌는 영화")
     assert tok.decode(enc.ids) == "정말 재밌는 영화" and "[UNK]" not in enc.tokens
+
+
+def test_a_file_read_twice_is_parsed_once_and_again_when_it_changes(tmp_path):
+    import os
+
+    import trainable.data as data
+
+    path = tmp_path / "t.txt"
+    path.write_text("id\tdocument\tlabel\n1\tgood\t1\n2\tbad\t0\n", encoding="utf-8")
+    cfg = DataConfig(train_file="t.txt", test_file="t.txt")
+    first = read_table(path, cfg)
+    first.texts[0] = "changed by a caller"  # each caller has its own copy
+    second = read_table(path, cfg)
+    assert second.texts == ["good", "bad"] and sum(k[0] == str(path.resolve()) for k in data._READ) == 1
+    # Rewritten with the same size: the new mtime makes it a new file.
+    path.write_text("id\tdocument\tlabel\n1\tfine\t1\n2\tsad\t0\n", encoding="utf-8")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert read_table(path, cfg).texts == ["fine", "sad"]
