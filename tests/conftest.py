@@ -85,13 +85,26 @@ def kill_driver(proc) -> None:
     import signal
     import time
 
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(2)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver leads its group: all of it at once, as a crash would
     except ProcessLookupError:
         pass
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _live_in_group(proc.pid):  # until the group is gone, not a fixed sleep
+        time.sleep(0.1)
+
+
+def _live_in_group(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie waiting for its reaper does not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):

@@ -321,21 +321,31 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     # ASHA after the crash: the scheduler the resume builds (ResumableASHA, replaying the folder) holds the same rungs
     # and cutoffs as Ray's stock ASHA fed every result recorded before the crash, in the order they were reported;
     # a trial started after the resume is stopped below that cutoff, where an ASHA with empty rungs lets it go on.
+    # Recorded: Ray's rows in result.json, and the epochs whose rows the kill kept from reaching it (Ray copies the
+    # file in the background) from the history in the trial's newest checkpoint: the resumed trial goes on from
+    # that checkpoint and never reports those epochs again.
     from types import SimpleNamespace
 
     from ray.tune.schedulers import ASHAScheduler
 
     from sweep.report import load_sweep_config
     from sweep.tuner import make_scheduler
+    from trainable.loop import load_checkpoint, trial_checkpoints
 
     live = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
     results = []
-    for rfile in folder.glob("trial_*/result.json"):
-        for ln in rfile.read_text().splitlines():
+    for tdir in folder.glob("trial_*"):
+        rows = []
+        for ln in (tdir / "result.json").read_text().splitlines() if (tdir / "result.json").is_file() else []:
             try:
-                results.append(json.loads(ln))
+                rows.append(json.loads(ln))
             except json.JSONDecodeError:  # a line cut short by the kill
                 pass
+        newest = trial_checkpoints(tdir)[:1]
+        reported = {r["epoch"] for r in rows}
+        history = load_checkpoint(newest[0])["history"] if newest else []
+        results += rows + [{**m, "trial_id": tdir.name.removeprefix("trial_"), "timestamp": float("inf")}
+                           for m in history if m["epoch"] not in reported]
     for res in sorted(results, key=lambda res: (res["timestamp"], res["epoch"])):
         trial = SimpleNamespace(trial_id=res["trial_id"])
         if res["trial_id"] not in live._trial_info:
