@@ -56,10 +56,8 @@ def cmd_prepare(args) -> int:
     cfg, _ = load_config(args.config, args.set)
     t0 = time.perf_counter()
     prep = cfg.task_def.prepare(cfg, log, load_space_for(cfg))  # what a sweep of this config prepares
-    if getattr(prep, "teacher", None) is not None:
-        log(f"teacher: {', '.join(str(t.path) for t in prep.teacher.members)} (val "
-            f"{prep.teacher.metrics.get('val_acc', float('nan')):.4f}, "
-            f"test {prep.teacher.metrics.get('test_acc', float('nan')):.4f})")
+    for line in cfg.task_def.prepared_lines(prep):
+        log(line)
     log(f"prepared in {time.perf_counter() - t0:.1f} s; cache: {cfg.cache_dir}")
     return 0
 

@@ -236,8 +236,10 @@ def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list
             ids += [r["trial_id"] for r in best[:cfg.sweep.twins]]
     by_id = {r["trial_id"]: r for r in search}
 
+    test_key = cfg.task_def.test_key  # the held-out score the KD gain compares (classify: test_acc)
+
     def test_accs(rs: list[dict]) -> list[float]:
-        return [r["test_acc"] for r in rs if r["status"] == STATUS_FINISHED and r["test_acc"] is not None]
+        return [r[test_key] for r in rs if r["status"] == STATUS_FINISHED and r.get(test_key) is not None]
 
     out = []
     for fid in dict.fromkeys(ids):

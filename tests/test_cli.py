@@ -16,6 +16,10 @@ def test_prepare_is_idempotent(make_config):
     assert second.returncode == 0, second.stderr
     assert "teacher: cache hit" in second.stderr and "teacher logits: cache hit" in second.stderr
     assert "encoded data: cache hit" in second.stderr
+    # The task's word on what it prepared (Task.prepared_lines): classify names its teacher and its scores.
+    import re
+
+    assert re.search(r"^teacher: /\S+ \(val 0\.\d{4}, test 0\.\d{4}\)$", second.stderr, re.M), second.stderr
 
 
 def test_train_writes_a_complete_run_folder_and_refuses_to_overwrite(make_config, tmp_path):

@@ -155,6 +155,10 @@ class Task:
         """The task's own lines in the report's summary (classify: its teacher and transfer set)."""
         return []
 
+    def prepared_lines(self, prepared) -> list[str]:
+        """What `sweep prepare` says about what `prepare` made, besides its own log (classify: the teacher)."""
+        return []
+
     # The planner (`sweep plan`) and GPU sizing (`sweep.resources.gpu: auto`). A task without them gets trial
     # counts only: no rows, no time estimate, and `gpu: auto` asks for a number instead.
     plan_keys: tuple[str, ...] = ()  # dotted keys a trial's cost depends on (sampled from the space)

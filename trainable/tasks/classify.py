@@ -224,6 +224,13 @@ class Classify(Task):
         return out, (f"student: val_acc {result.val_acc:.4f} test_acc {result.test_acc:.4f} params {result.params} "
                      f"size {result.size_kb:.1f} KiB, {result.samples_per_s:.0f} samples/s")
 
+    def prepared_lines(self, prepared) -> list[str]:
+        if prepared.teacher is None:
+            return []
+        m = prepared.teacher.metrics
+        return [f"teacher: {', '.join(str(t.path) for t in prepared.teacher.members)} (val "
+                f"{m.get('val_acc', float('nan')):.4f}, test {m.get('test_acc', float('nan')):.4f})"]
+
     def report_lines(self, folder: Path, cfg) -> list[str]:
         """The teacher (or ensemble) and the transfer set, from the teacher.json `save_artifacts` wrote."""
         from . import fmt_number as fmt
