@@ -378,6 +378,12 @@ _NOT_ATOMIC_ON_PURPOSE = {
         "saves into an in-memory buffer (io.BytesIO) to count the exported size: no file is written",
     ("trainable/tasks/transformer.py", "export", "save_pretrained"):
         "Hugging Face writes a folder of files into the folder it is given: export_best's atomic_dir temporary",
+    ("trainable/data.py", "_write_split", "write_table"):
+        "writes the path it is given; its callers are cache builders, which pass cached()'s temporary file",
+    ("trainable/teacher.py", "_write_logits", "write_table"):
+        "writes the path it is given; its only caller is the logits' cache builder, passing cached()'s temporary file",
+    ("trainable/teacher.py", "_build_bilstm", "save"):
+        "saves the tokenizer into the folder it is given: the teacher cache builder's temporary folder",
 }
 
 
@@ -406,9 +412,25 @@ def _writer_name(call):
     return name
 
 
+def _builders(tree) -> set[str]:
+    """Names of the functions given to trainable/cache.py's `cached` as its builder (4th argument or `build=`): it
+    calls them with a temporary path inside atomic_path/atomic_dir."""
+    import ast
+
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "cached":
+            build = node.args[3] if len(node.args) > 3 else next((k.value for k in node.keywords if k.arg == "build"),
+                                                                  None)
+            if isinstance(build, ast.Name):
+                out.add(build.id)
+    return out
+
+
 def writes_that_bypass_the_atomic_helpers(root: Path) -> list[tuple[str, str, str, int]]:
     """(file, function, call, line) of every call in trainable/ and sweep/ (io.py aside) that writes a file and is
-    not inside a `with atomic_path(...) as tmp` / `with atomic_dir(...) as tmp` block writing to that `tmp`."""
+    not inside a `with atomic_path(...) as tmp` / `with atomic_dir(...) as tmp` block writing to that `tmp`, nor in
+    a builder given to `cached` (trainable/cache.py) writing to the temporary path it is called with."""
     import ast
 
     found = []
@@ -416,10 +438,14 @@ def writes_that_bypass_the_atomic_helpers(root: Path) -> list[tuple[str, str, st
         rel = path.relative_to(root).as_posix()
         if rel == "trainable/io.py":
             continue
+        tree = ast.parse(path.read_text(), str(path))
+        builders = _builders(tree)
 
         def visit(node, func, safe_names):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 func = node.name
+                if func in builders and node.args.args:
+                    safe_names = safe_names | {node.args.args[0].arg}  # cached() passes its temporary path
             if isinstance(node, (ast.With, ast.AsyncWith)):
                 for item in node.items:
                     c = item.context_expr
@@ -436,7 +462,7 @@ def writes_that_bypass_the_atomic_helpers(root: Path) -> list[tuple[str, str, st
             for child in ast.iter_child_nodes(node):
                 visit(child, func, safe_names)
 
-        visit(ast.parse(path.read_text(), str(path)), "<module>", frozenset())
+        visit(tree, "<module>", frozenset())
     return found
 
 
@@ -473,9 +499,18 @@ def test_the_bypass_scan_sees_a_plain_write_and_accepts_the_helpers(tmp_path):
         "    with open(p, 'wb') as f:\n"
         "        pass\n"
         "    shutil.copyfile(p, p)\n")
+    (tmp_path / "trainable" / "c.py").write_text(
+        "def entry(root, state):\n"
+        "    def build(tmp):\n"
+        "        torch.save(state, tmp)\n"
+        "        with open(tmp / 'x', 'w') as f:\n"
+        "            f.write('x')\n"
+        "    return cached(root, 'kind', 'name', build)\n"
+        "def not_a_builder(tmp, state):\n"
+        "    torch.save(state, tmp)\n")
     assert [(func, call) for _, func, call, _ in writes_that_bypass_the_atomic_helpers(tmp_path)] == [
         ("bad", "save"), ("bad", "savefig"), ("bad", "write_text"), ("bad", "open"), ("bad", "copyfile"),
-        ("deep", "save")]  # trainable/tasks/*.py too
+        ("not_a_builder", "save"), ("deep", "save")]  # a cached() builder's temporary is safe; trainable/tasks too
 
 
 def test_tensorboard_binds_to_loopback(tmp_path):

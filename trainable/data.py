@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import NSMC_URL, DataConfig, TokenizerConfig
-from .io import atomic_path, sha256_file, sha256_json
+from .cache import cached, entry_path
+from .io import sha256_file, sha256_json
 
 Log = Callable[[str], None]
 NSMC_ROWS = {"ratings_train.txt": 150_000, "ratings_test.txt": 50_000}
@@ -422,7 +423,7 @@ def tokenizer_path(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, 
     if cfg.train_on_transfer and corpus.transfer is not None:
         parts["transfer"] = corpus.transfer_key
     key = sha256_json(parts)
-    return Path(cache_dir) / "tokenizers" / f"wordpiece-{vocab}-{key[:12]}.json"
+    return entry_path(cache_dir, "tokenizers", f"wordpiece-{vocab}-{key[:12]}.json")
 
 
 def get_tokenizer(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, log: Log = print,
@@ -433,17 +434,16 @@ def get_tokenizer(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, l
             raise DataError(f"tokenizer.file: {cfg.file} not found (expected a tokenizer.json)")
         return Path(cfg.file)
     path = tokenizer_path(corpus, cfg, cache_dir, vocab_size)
-    if path.is_file():
-        return path
-    vocab = vocab_size or cfg.vocab_size
-    texts = corpus.train.texts
-    if cfg.train_on_transfer and corpus.transfer is not None:
-        texts = texts + corpus.transfer.texts
-    log(f"training WordPiece tokenizer (vocab {vocab}) on {len(texts)} reviews")
-    tok = train_wordpiece(texts, vocab, cfg.min_frequency, cfg.limit_alphabet)
-    with atomic_path(path) as tmp:
-        tok.save(str(tmp))
-    return path
+
+    def build(tmp: Path) -> None:
+        vocab = vocab_size or cfg.vocab_size
+        texts = corpus.train.texts
+        if cfg.train_on_transfer and corpus.transfer is not None:
+            texts = texts + corpus.transfer.texts
+        log(f"training WordPiece tokenizer (vocab {vocab}) on {len(texts)} reviews")
+        train_wordpiece(texts, vocab, cfg.min_frequency, cfg.limit_alphabet).save(str(tmp))
+
+    return cached(cache_dir, "tokenizers", path.name, build).path  # a hit is silent: asked for many times a run
 
 
 # ----------------------------------------------------------------------------- encoded data
@@ -516,6 +516,7 @@ def encode_texts(tok, texts: list[str], max_length: int) -> tuple[np.ndarray, np
 
 
 def _write_split(path: Path, splits: dict[str, tuple[Table, np.ndarray, np.ndarray]], meta: dict) -> None:
+    """The splits as one Parquet file at `path` (a cache entry's temporary name)."""
     arrays = {"split": [], "row_id": [], "label": [], "tokens": []}
     for name, (table, tokens, offsets) in splits.items():
         arrays["split"] += [name] * len(table)
@@ -528,8 +529,7 @@ def _write_split(path: Path, splits: dict[str, tuple[Table, np.ndarray, np.ndarr
         "label": pa.array(np.concatenate(arrays["label"])),
         "tokens": pa.concat_arrays(arrays["tokens"]),
     }).replace_schema_metadata({k: str(v) for k, v in meta.items()})
-    with atomic_path(path) as tmp:
-        pq.write_table(tbl, tmp)
+    pq.write_table(tbl, path)
 
 
 def _read_split(tbl: pa.Table, name: str) -> EncodedSplit:
@@ -553,30 +553,30 @@ def encode_corpus(corpus: Corpus, cfg: TokenizerConfig, cache_dir: str | Path, l
 
     tok_path = get_tokenizer(corpus, cfg, cache_dir, log, vocab_size)
     key = sha256_json({"data": corpus.key, "tokenizer": sha256_file(tok_path), "max_length": cfg.max_length})[:16]
-    path = Path(cache_dir) / "encoded" / f"encoded-{key}.parquet"
     tok = Tokenizer.from_file(str(tok_path))
-    if path.is_file():
-        tbl = pq.read_table(path)
-        log(f"encoded data: cache hit {path}")
-    else:
+
+    def build(tmp: Path) -> None:
         log(f"encoding {len(corpus.train) + len(corpus.val) + len(corpus.test)} reviews (max length {cfg.max_length})")
         splits = {}
         for name in ("train", "val", "test"):
             table = getattr(corpus, name)
             splits[name] = (table, *encode_texts(tok, table.texts, cfg.max_length))
-        _write_split(path, splits, {"data_key": corpus.key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
-        tbl = pq.read_table(path)
+        _write_split(tmp, splits, {"data_key": corpus.key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
+
+    path = cached(cache_dir, "encoded", f"encoded-{key}.parquet", build, what="encoded data", log=log).path
+    tbl = pq.read_table(path)
     transfer = None
     if corpus.transfer is not None:
         tkey = sha256_json({"transfer": corpus.transfer_key, "tokenizer": sha256_file(tok_path),
                             "max_length": cfg.max_length})[:16]
-        tpath = Path(cache_dir) / "encoded" / f"transfer-{tkey}.parquet"
-        if tpath.is_file():
-            log(f"encoded transfer set: cache hit {tpath}")
-        else:
+
+        def build_transfer(tmp: Path) -> None:
             log(f"encoding {len(corpus.transfer)} transfer reviews")
-            _write_split(tpath, {"transfer": (corpus.transfer, *encode_texts(tok, corpus.transfer.texts, cfg.max_length))},
+            _write_split(tmp, {"transfer": (corpus.transfer, *encode_texts(tok, corpus.transfer.texts, cfg.max_length))},
                          {"transfer_key": corpus.transfer_key, "tokenizer": str(tok_path), "max_length": cfg.max_length})
+
+        tpath = cached(cache_dir, "encoded", f"transfer-{tkey}.parquet", build_transfer, what="encoded transfer set",
+                       log=log).path
         transfer = _read_split(pq.read_table(tpath), "transfer")
     return EncodedData(
         _read_split(tbl, "train"), _read_split(tbl, "val"), _read_split(tbl, "test"),

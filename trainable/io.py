@@ -174,6 +174,20 @@ def _restore_set_aside(path: Path) -> None:
             _remove(aside)
 
 
+def _rename_if_missing(tmp: Path, path: Path) -> bool:
+    """Rename the folder `tmp` to `path` if nothing is there; False if something is, or came there since the look
+    (another process writing the same folder renamed its own in first: `rename` will not replace a full folder)."""
+    if os.path.lexists(path):
+        return False
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed. At no moment
@@ -188,9 +202,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if not os.path.lexists(path):
-            os.rename(tmp, path)
-        elif not exchange(tmp, path):  # after a swap, `tmp` holds the old contents: removed below
+        # After a swap, `tmp` holds the old contents: removed below.
+        if not _rename_if_missing(tmp, path) and not exchange(tmp, path):
             aside = owned_sibling(path, "old")
             os.rename(path, aside)
             try:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .config import PretrainConfig
-from .io import atomic_dir, sha256_json, write_json
+from .cache import cached
+from .io import sha256_json, write_json
 from .loop import bucketed_batches
 
 Log = Callable[[str], None]
@@ -117,14 +118,32 @@ def pretrain_encoder(model, tok, texts: list[str], cfg: PretrainConfig, *, max_l
     if cfg.steps == 0:
         return {}
     key = pretrain_key(model, tok, texts, cfg, max_length, seed)
-    folder = Path(cache_dir) / "pretrained" / key[:16]
-    info = folder / "pretrain.json"
-    if info.is_file():
-        metrics = json.loads(info.read_text())["metrics"]
-        load_encoder(model.base_model, _read_encoder(folder))
-        log(f"pretrain: cache hit {folder} ({metrics['steps']} steps, MLM loss {metrics['loss_final']:.3f})")
+
+    def hit_note(folder: Path) -> str:
+        metrics = json.loads((folder / "pretrain.json").read_text())["metrics"]
+        return f"{metrics['steps']} steps, MLM loss {metrics['loss_final']:.3f}"
+
+    def build(tmp: Path) -> dict:
+        mlm, metrics = _train_mlm(model, tok, texts, cfg, max_length=max_length, seed=seed, log=log)
+        mlm.base_model.save_pretrained(tmp)
+        write_json(tmp / "pretrain.json", {"key": key, "config": cfg.model_dump(), "max_length": max_length,
+                                           "seed": seed, "metrics": metrics})
         return metrics
 
+    entry = cached(cache_dir, "pretrained", key[:16], build, marker="pretrain.json", what="pretrain", log=log,
+                   note=hit_note)
+    if entry.hit:
+        load_encoder(model.base_model, _read_encoder(entry.path))
+        return json.loads((entry.path / "pretrain.json").read_text())["metrics"]
+    metrics = entry.built
+    log(f"pretrain: MLM loss {metrics['loss_first']:.3f} -> {metrics['loss_final']:.3f} in {metrics['time_s']:.0f} s; "
+        f"saved to {entry.path}")
+    return metrics
+
+
+def _train_mlm(model, tok, texts: list[str], cfg: PretrainConfig, *, max_length: int, seed: int, log: Log):
+    """The masked-LM training itself: the MLM model (on the CPU, its encoder already loaded into `model`) and the
+    metrics."""
     from transformers import DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
 
     if cfg.rows is not None and cfg.rows < len(texts):
@@ -195,10 +214,4 @@ def pretrain_encoder(model, tok, texts: list[str], cfg: PretrainConfig, *, max_l
                "loss_curve": [float(np.mean(losses[i:i + window])) for i in range(0, len(losses), window)],
                "curve_window": window, "time_s": train_time, "samples_per_s": seen / train_time, "texts": len(keep),
                "skipped_batches": skipped, "device": str(device), "objective": "mlm"}
-    with atomic_dir(folder) as tmp:
-        mlm.base_model.save_pretrained(tmp)
-        write_json(tmp / "pretrain.json", {"key": key, "config": cfg.model_dump(), "max_length": max_length,
-                                           "seed": seed, "metrics": metrics})
-    log(f"pretrain: MLM loss {metrics['loss_first']:.3f} -> {metrics['loss_final']:.3f} in {train_time:.0f} s; "
-        f"saved to {folder}")
-    return metrics
+    return mlm, metrics

@@ -35,7 +35,8 @@ import torch
 
 from .config import TeacherConfig
 from .data import Corpus, Table, train_wordpiece
-from .io import atomic_dir, atomic_path, sha256_dir, sha256_json, write_json
+from .cache import cached, entry_path
+from .io import sha256_dir, sha256_json, write_json
 from .loop import bucketed_batches
 from .student import is_student_folder
 
@@ -283,50 +284,62 @@ def get_teacher(cfg: TeacherConfig, corpus: Corpus, num_classes: int, cache_dir:
             f"test {meta.get('test_acc', float('nan')):.4f})")
         return Teacher(folder, sha256_dir(folder, ("student.pt",)), sha256_dir(folder, ("tokenizer.json",)),
                        {k: meta.get(k) for k in ("val_acc", "test_acc")}, "student", cfg)
-    folder = Path(cache_dir) / "teachers" / key
-    info = folder / "teacher.json"
+    folder = entry_path(cache_dir, "teachers", key)
     kind = {"bilstm": "student", "ngram": "ngram"}.get(cfg.kind, "hf")
-    if info.is_file():
-        meta = json.loads(info.read_text())
-        log(f"teacher: cache hit {folder} ({cfg.kind}; val {meta['metrics'].get('val_acc', float('nan')):.4f}, "
-            f"test {meta['metrics'].get('test_acc', float('nan')):.4f})")
-        return Teacher(folder, meta["checkpoint_hash"], meta["tokenizer_hash"], meta["metrics"], kind, cfg)
-    if cfg.kind == "ngram":
-        # Nothing to train up front: the model is fitted when its logits are first needed (see ngram_logits).
-        meta = {"source": cfg.source, "config": cfg.model_dump(), "metrics": {},
-                "checkpoint_hash": sha256_json({"ngram": key}), "tokenizer_hash": "ngram"}
-        with atomic_dir(folder) as tmp:
-            write_json(tmp / "teacher.json", meta)
-        return Teacher(folder, meta["checkpoint_hash"], meta["tokenizer_hash"], {}, kind, cfg)
-    if cfg.kind == "bilstm":
-        return _build_bilstm(cfg, corpus, num_classes, folder, log)
-    if cfg.is_scratch:
-        log(f"teacher: building a {cfg.preset} {cfg.arch} from scratch (vocab {cfg.vocab_size})")
-        model, tok = build_scratch(cfg, corpus, num_classes, cfg.max_length + 2, cache_dir)
-        metrics = {}
-        if pre_texts is not None:
-            from .pretrain import pretrain_encoder
 
-            metrics["pretrain"] = pretrain_encoder(model, tok, pre_texts[0], cfg.pretrain, max_length=cfg.max_length,
-                                                   seed=cfg.seed, cache_dir=cache_dir, log=log)
-    else:
-        model, tok = load_pretrained(cfg.source, num_classes, cfg.trust_remote_code)
-        metrics = {}
-    if cfg.epochs > 0:
-        metrics.update(fine_tune(model, tok, corpus, cfg, log))
-    model.to("cpu")
-    with atomic_dir(folder) as tmp:
+    def hit_note(folder: Path) -> str:
+        metrics = json.loads((folder / "teacher.json").read_text())["metrics"]
+        return (f"{cfg.kind}; val {metrics.get('val_acc', float('nan')):.4f}, "
+                f"test {metrics.get('test_acc', float('nan')):.4f}")
+
+    def build(tmp: Path) -> tuple[dict, str | None]:
+        """The teacher's files and its teacher.json (last) in `tmp`; its meta and what to log once it is in."""
+        if cfg.kind == "ngram":
+            # Nothing to train up front: the model is fitted when its logits are first needed (see ngram_logits).
+            meta = {"source": cfg.source, "config": cfg.model_dump(), "metrics": {},
+                    "checkpoint_hash": sha256_json({"ngram": key}), "tokenizer_hash": "ngram"}
+            write_json(tmp / "teacher.json", meta)
+            return meta, None
+        if cfg.kind == "bilstm":
+            meta = _build_bilstm(cfg, corpus, num_classes, tmp, log)
+            return meta, (f"teacher: BiLSTM val {meta['metrics']['val_acc']:.4f}, "
+                          f"test {meta['metrics']['test_acc']:.4f}; saved to {folder}")
+        if cfg.is_scratch:
+            log(f"teacher: building a {cfg.preset} {cfg.arch} from scratch (vocab {cfg.vocab_size})")
+            model, tok = build_scratch(cfg, corpus, num_classes, cfg.max_length + 2, cache_dir)
+            metrics = {}
+            if pre_texts is not None:
+                from .pretrain import pretrain_encoder
+
+                metrics["pretrain"] = pretrain_encoder(model, tok, pre_texts[0], cfg.pretrain,
+                                                       max_length=cfg.max_length, seed=cfg.seed, cache_dir=cache_dir,
+                                                       log=log)
+        else:
+            model, tok = load_pretrained(cfg.source, num_classes, cfg.trust_remote_code)
+            metrics = {}
+        if cfg.epochs > 0:
+            metrics.update(fine_tune(model, tok, corpus, cfg, log))
+        model.to("cpu")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         meta = {"source": cfg.source, "config": cfg.model_dump(), "metrics": metrics,
                 "checkpoint_hash": sha256_dir(tmp, MODEL_FILES), "tokenizer_hash": sha256_dir(tmp, TOKENIZER_FILES)}
         write_json(tmp / "teacher.json", meta)
-    log(f"teacher: saved to {folder}")
-    return Teacher(folder, meta["checkpoint_hash"], meta["tokenizer_hash"], metrics, kind, cfg)
+        return meta, f"teacher: saved to {folder}"
+
+    entry = cached(cache_dir, "teachers", key, build, marker="teacher.json", what="teacher", log=log, note=hit_note)
+    if entry.hit:
+        meta = json.loads((entry.path / "teacher.json").read_text())
+    else:
+        meta, saved = entry.built
+        if saved is not None:
+            log(saved)
+    return Teacher(entry.path, meta["checkpoint_hash"], meta["tokenizer_hash"], meta["metrics"], kind, cfg)
 
 
-def _build_bilstm(cfg: TeacherConfig, corpus: Corpus, num_classes: int, folder: Path, log: Log) -> Teacher:
-    """A wide BiLSTM trained with the student loop on the labelled rows (no teacher), saved as a student folder."""
+def _build_bilstm(cfg: TeacherConfig, corpus: Corpus, num_classes: int, tmp: Path, log: Log) -> dict:
+    """A wide BiLSTM trained with the student loop on the labelled rows (no teacher), saved as a student folder in
+    `tmp` (a cache entry's temporary folder); returns its teacher.json."""
     from .config import StudentConfig, TrainConfig
     from .data import EncodedData, EncodedSplit, encode_texts
     from .loop import train_student
@@ -342,25 +355,23 @@ def _build_bilstm(cfg: TeacherConfig, corpus: Corpus, num_classes: int, folder: 
     student = StudentConfig(embedding_dim=b.embedding_dim, hidden_dim=b.hidden_dim, dropout=b.dropout)
     train = TrainConfig(epochs=max(cfg.epochs, 1), batch_size=cfg.batch_size, lr=cfg.resolved_lr, alpha=1.0,
                         scheduler="step", step_size=1, gamma=0.8, seed=cfg.seed, threads=cfg.threads)
-    with atomic_dir(folder) as tmp:
-        tok.save(str(tmp / "tokenizer.json"))
-        data = EncodedData(splits["train"], splits["val"], splits["test"], tok.get_vocab_size(),
-                           str(tmp / "tokenizer.json"), "bilstm-teacher")
-        t0 = time.perf_counter()
-        result = train_student(student, train, data, None, num_classes=num_classes, run_dir=tmp / "run", log=log)
-        (tmp / "run" / "student.pt").replace(tmp / "student.pt")
-        shutil.rmtree(tmp / "run")
-        metrics = {"val_acc": result.val_acc, "test_acc": result.test_acc, "train_time_s": time.perf_counter() - t0,
-                   "params": result.params}
-        write_json(tmp / "config.json", {
-            "architecture": "BiLSTMClassifier", "vocab_size": tok.get_vocab_size(), "embedding_dim": b.embedding_dim,
-            "hidden_dim": b.hidden_dim, "num_layers": 1, "dropout": b.dropout, "num_classes": num_classes,
-            "max_length": cfg.max_length, **metrics})
-        meta = {"source": cfg.source, "config": cfg.model_dump(), "metrics": metrics,
-                "checkpoint_hash": sha256_dir(tmp, ("student.pt",)), "tokenizer_hash": sha256_dir(tmp, ("tokenizer.json",))}
-        write_json(tmp / "teacher.json", meta)
-    log(f"teacher: BiLSTM val {result.val_acc:.4f}, test {result.test_acc:.4f}; saved to {folder}")
-    return Teacher(folder, meta["checkpoint_hash"], meta["tokenizer_hash"], metrics, "student", cfg)
+    tok.save(str(tmp / "tokenizer.json"))
+    data = EncodedData(splits["train"], splits["val"], splits["test"], tok.get_vocab_size(),
+                       str(tmp / "tokenizer.json"), "bilstm-teacher")
+    t0 = time.perf_counter()
+    result = train_student(student, train, data, None, num_classes=num_classes, run_dir=tmp / "run", log=log)
+    (tmp / "run" / "student.pt").replace(tmp / "student.pt")
+    shutil.rmtree(tmp / "run")
+    metrics = {"val_acc": result.val_acc, "test_acc": result.test_acc, "train_time_s": time.perf_counter() - t0,
+               "params": result.params}
+    write_json(tmp / "config.json", {
+        "architecture": "BiLSTMClassifier", "vocab_size": tok.get_vocab_size(), "embedding_dim": b.embedding_dim,
+        "hidden_dim": b.hidden_dim, "num_layers": 1, "dropout": b.dropout, "num_classes": num_classes,
+        "max_length": cfg.max_length, **metrics})
+    meta = {"source": cfg.source, "config": cfg.model_dump(), "metrics": metrics,
+            "checkpoint_hash": sha256_dir(tmp, ("student.pt",)), "tokenizer_hash": sha256_dir(tmp, ("tokenizer.json",))}
+    write_json(tmp / "teacher.json", meta)
+    return meta
 
 
 # ----------------------------------------------------------------------------- n-gram teacher
@@ -472,7 +483,7 @@ def logits_meta(teacher: Teacher, data_key: str, max_length: int) -> dict[str, s
 
 def logits_path(meta: dict[str, str], cache_dir: str | Path) -> Path:
     key = sha256_json({k: v for k, v in meta.items() if k != "teacher"})[:16]
-    return Path(cache_dir) / "logits" / f"logits-{key}.parquet"
+    return entry_path(cache_dir, "logits", f"logits-{key}.parquet")
 
 
 def read_logits(path: Path, expected_meta: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -494,6 +505,7 @@ def read_logits(path: Path, expected_meta: dict[str, str]) -> dict[str, tuple[np
 
 
 def _write_logits(path: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, str]) -> None:
+    """{split: (row_ids, logits)} as one Parquet file at `path` (a cache entry's temporary name)."""
     names = list(parts)
     n_cls = parts[names[0]][1].shape[1]
     tbl = pa.table({
@@ -501,8 +513,7 @@ def _write_logits(path: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], m
         "row_id": pa.array(np.concatenate([parts[n][0] for n in names])),
         **{f"logit_{c}": pa.array(np.concatenate([parts[n][1][:, c] for n in names])) for c in range(n_cls)},
     }).replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
-        pq.write_table(tbl, tmp)
+    pq.write_table(tbl, path)
 
 
 def get_logits(teacher: Teacher, corpus: Corpus, cache_dir: str | Path, log: Log = print) -> dict[str, np.ndarray]:
@@ -516,18 +527,21 @@ def get_logits(teacher: Teacher, corpus: Corpus, cache_dir: str | Path, log: Log
     for names, data_key in groups:
         meta = logits_meta(teacher, data_key, max_length)
         path = logits_path(meta, cache_dir)
-        cached = read_logits(path, meta)
-        if cached is None or any(n not in cached for n in names):
-            if path.exists():
-                log(f"teacher logits: {path} does not match this teacher/data; recomputing")
+        found = read_logits(path, meta)
+        stale = found is None or any(n not in found for n in names)
+        if stale and path.exists():
+            log(f"teacher logits: {path} does not match this teacher/data; recomputing")
+
+        def build(tmp: Path, names=names, meta=meta) -> None:
             computed = _compute_logits(teacher, corpus, names, log)
-            _write_logits(path, {n: (corpus.split(n).ids, computed[n]) for n in names}, meta)
+            _write_logits(tmp, {n: (corpus.split(n).ids, computed[n]) for n in names}, meta)
+
+        entry = cached(cache_dir, "logits", path.name, build, what="teacher logits", log=log, stale=stale)
+        if not entry.hit:
             log(f"teacher logits: wrote {path}")
-            cached = read_logits(path, meta)
-        else:
-            log(f"teacher logits: cache hit {path}")
+            found = read_logits(path, meta)
         for n in names:
-            ids, logits = cached[n]
+            ids, logits = found[n]
             if not np.array_equal(ids, corpus.split(n).ids):
                 raise RuntimeError(f"{path}: {n} row ids do not match the corpus; delete the file to recompute")
             out[n] = logits

@@ -174,28 +174,30 @@ def covered_chars(tok, texts: list[str], max_length: int) -> np.ndarray:
 def _prepare_one(cfg, texts: dict[str, list[str]], file_key: str, vocab: int, log) -> LMData:
     from tokenizers import Tokenizer
 
+    from ..cache import cached
     from ..data import EncodedSplit, encode_texts, train_wordpiece
-    from ..io import atomic_path, sha256_json
+    from ..io import sha256_json
 
     key = sha256_json({"v": 2, "file": file_key, "vocab": vocab, "max_length": cfg.lm.max_length,
                        "min_freq": cfg.tokenizer.min_frequency, "alpha": cfg.tokenizer.limit_alphabet})[:16]
-    folder = Path(cfg.cache_dir) / "lm" / key
-    tok_file, enc_file = folder / "tokenizer.json", folder / "encoded.npz"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not tok_file.is_file():
+
+    def build(tmp: Path) -> None:
+        """The tokenizer, then the encodings (the entry's marker) in `tmp`."""
         log(f"lm: training WordPiece tokenizer (vocab {vocab}) on {len(texts['train'])} reviews")
         tok = train_wordpiece(texts["train"], vocab, cfg.tokenizer.min_frequency, cfg.tokenizer.limit_alphabet)
-        with atomic_path(tok_file) as tmp:
-            tok.save(str(tmp))
-    if not enc_file.is_file():
-        tok = Tokenizer.from_file(str(tok_file))
+        tok.save(str(tmp / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))  # as a hit reads it
         arrays = {}
         for name, t in texts.items():
             arrays[f"{name}_tokens"], arrays[f"{name}_offsets"] = encode_texts(tok, t, cfg.lm.max_length)
             arrays[f"{name}_chars"] = covered_chars(tok, t, cfg.lm.max_length)
-        with atomic_path(enc_file) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        with open(tmp / "encoded.npz", "wb") as f:
+            np.savez(f, **arrays)
+
+    entry = cached(cfg.cache_dir, "lm", key, build, marker="encoded.npz")  # a hit is silent, as it was
+    folder = entry.path
+    tok_file, enc_file = folder / "tokenizer.json", folder / "encoded.npz"
+    if not entry.hit:
         log(f"lm: encoded {sum(len(t) for t in texts.values())} reviews (vocab {vocab}) into {folder}")
     with np.load(enc_file) as z:
         splits, chars = {}, {}

@@ -196,19 +196,19 @@ class Tagger(Task):
     def prepare(self, cfg, log, space=None):
         import kiwipiepy
 
+        from ..cache import cached, entry_path
         from ..data import EncodedSplit
-        from ..io import atomic_path, sha256_json
+        from ..io import sha256_json
 
         c = cfg.tagger
         rows = (space.values_of("tagger.rows", numeric_ok=True) if space is not None else []) or [c.rows]
         texts, file_key = text_splits(cfg.data, rows, c.val_rows, c.test_rows)
         key = sha256_json({"file": file_key, "kiwi": kiwipiepy.__version__, "max_length": c.max_length})[:16]
-        folder = Path(cfg.cache_dir) / "tagger" / key
-        enc_file, meta_file = folder / "encoded.npz", folder / "meta.json"
-        if not (enc_file.is_file() and meta_file.is_file()):
-            folder.mkdir(parents=True, exist_ok=True)
+
+        def build(tmp: Path) -> None:
+            """The encodings, then the vocabularies (the entry's marker) in `tmp`."""
             log(f"tagger: tagging {sum(len(t) for t in texts.values())} reviews with kiwipiepy "
-                f"{kiwipiepy.__version__} (once; cached in {folder})")
+                f"{kiwipiepy.__version__} (once; cached in {entry_path(cfg.cache_dir, 'tagger', key)})")
             kiwi = _kiwi()
             pairs = {k: tag_texts_kiwi(kiwi, v, c.max_length) for k, v in texts.items()}
             counts = Counter(f for seq in pairs["train"] for f, _ in seq)
@@ -219,11 +219,12 @@ class Tagger(Task):
             for split, p in pairs.items():
                 f, t = _encode(p, form_id, tag_id)
                 arrays.update({f"{split}_forms": f.tokens, f"{split}_tags": t.tokens, f"{split}_offsets": f.offsets})
-            with atomic_path(enc_file) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
-            with atomic_path(meta_file) as tmp:
-                tmp.write_text(json.dumps({"vocab": vocab, "tags": tag_names}, ensure_ascii=False))
+            with open(tmp / "encoded.npz", "wb") as fh:
+                np.savez(fh, **arrays)
+            (tmp / "meta.json").write_text(json.dumps({"vocab": vocab, "tags": tag_names}, ensure_ascii=False))
+
+        folder = cached(cfg.cache_dir, "tagger", key, build, marker="meta.json").path  # a hit is silent, as it was
+        enc_file, meta_file = folder / "encoded.npz", folder / "meta.json"
         meta = json.loads(meta_file.read_text())
         forms, tags = {}, {}
         with np.load(enc_file) as z:

@@ -228,7 +228,8 @@ def drawn(cfg, space, key: str, numeric_ok: bool = True) -> list:
 def _encode(cfg, corpus, vocab: int, max_length: int, log) -> TransformerData:
     from ..config import TokenizerConfig
     from ..data import EncodedSplit, get_tokenizer
-    from ..io import atomic_path, sha256_file, sha256_json
+    from ..cache import cached
+    from ..io import sha256_file, sha256_json
     from ..pretrain import _tokenize
 
     # The scratch teacher's tokenizer settings, so both share the cached tokenizer of a vocabulary size.
@@ -238,14 +239,17 @@ def _encode(cfg, corpus, vocab: int, max_length: int, log) -> TransformerData:
     # pre-training cache hashes it.
     tok_json = tok.backend_tokenizer.to_str()
     key = sha256_json({"data": corpus.key, "tokenizer": sha256_file(tok_path), "max_length": max_length})[:16]
-    path = Path(cfg.cache_dir) / "transformer" / f"encoded-{key}.npz"
-    if not path.is_file():
+
+    def build(tmp: Path) -> None:
         arrays = {}
         for name in ("train", "val", "test"):
             arrays[f"{name}_tokens"], arrays[f"{name}_offsets"] = _tokenize(tok, corpus.split(name).texts, max_length)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    entry = cached(cfg.cache_dir, "transformer", f"encoded-{key}.npz", build)  # a hit is silent, as it was
+    path = entry.path
+    if not entry.hit:
         log(f"transformer: encoded {sum(len(corpus.split(n)) for n in ('train', 'val', 'test'))} reviews "
             f"(vocab {vocab}, max length {max_length}) into {path}")
     splits = {}
