@@ -334,7 +334,7 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
 
     live = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
     results = []
-    for tdir in folder.glob("trial_*"):
+    for tdir in (d for d in folder.glob("trial_*") if (d / "params.json").is_file()):  # (no params: never a trial)
         rows = []
         for ln in (tdir / "result.json").read_text().splitlines() if (tdir / "result.json").is_file() else []:
             try:
