@@ -27,6 +27,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from trainable.config import validation_problem, yaml_load
+
 HERE = Path(__file__).parent
 Scalar = Union[bool, int, float, str]
 
@@ -206,7 +208,6 @@ def load_space(source: str | Path | dict, check: Callable[[dict[str, Any]], Opti
     """
     import yaml
 
-    from trainable.config import validation_problem, yaml_load
 
     if isinstance(source, dict):
         raw, origin = source, origin or "sweep.space"

@@ -30,12 +30,20 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import Version
 
-from .config import ConfigError
+from search_spaces import HERE
+from trainable.memory import RAY_RESOURCE_UNIT
+from trainable.tasks import has_hook
+
+from .config import ConfigError, load_config, load_raw, load_space_for
+from .resources import size_gpu
 
 Log = Callable[[str], None]
 
@@ -135,17 +143,11 @@ def check_image(image: str) -> str:
 
 def installed_version(dist: str) -> str:
     """The release of an installed distribution, without a local suffix ('2.13.0+cpu' -> '2.13.0')."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
     return Version(version(dist)).public
 
 
 def project_requirement(package: str | None) -> str:
     """The pinned pip requirement for this project: `package`, else this checkout's origin remote at HEAD."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     if package is None:
         package = _origin_requirement()
     try:
@@ -210,8 +212,6 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
     if res.gpu == "auto":
         fraction, per_gpu, line = _auto_gpu(cfg, space, gpu_memory_gib, gpus_per_worker)
     else:
-        from trainable.memory import RAY_RESOURCE_UNIT
-
         fraction = float(res.gpu)
         # in Ray's units of 1e-4, as Ray packs them (1 // 0.1 is 9 in floating point)
         per_gpu = RAY_RESOURCE_UNIT // round(fraction * RAY_RESOURCE_UNIT) if 0 < fraction <= 1 else 0
@@ -235,10 +235,6 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
 
 
 def _auto_gpu(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int) -> tuple[float, int, str]:
-    from trainable.tasks import has_hook
-
-    from .resources import size_gpu
-
     if gpus_per_worker == 0:
         return 0.0, 0, "resources: gpu auto: no GPU per worker (--gpus-per-worker 0); running on CPU"
     if not has_hook(cfg.task_def, "gpu_memory"):  # as sweep run says (resources.size_gpu), before asking for memory
@@ -263,8 +259,6 @@ def job_name(sweep_name: str) -> str:
 def shipped_config(raw: dict) -> dict[str, str]:
     """The ConfigMap's files: config.yaml (the config as loaded here, --set applied), the search-space file it
     names (as it is, comments and all) and a task .py file, each renamed to its place under /etc/kd-sweep."""
-    from search_spaces import HERE
-
     raw = {**raw, "sweep": dict(raw.get("sweep") or {})}
     files: dict[str, str] = {}
     space = raw["sweep"].get("space")
@@ -301,8 +295,6 @@ def build_manifest(config_path: str, overrides: list[str], *, results: str = DEF
                    log: Log = lambda m: None) -> tuple[str, str]:
     """(the manifest's text, the RayJob's name): a ConfigMap with the config and the RayJob, every input checked
     before anything is returned."""
-    from .config import load_config, load_raw, load_space_for
-
     cfg, _ = load_config(config_path, overrides)
     space = load_space_for(cfg)
     if space is None:

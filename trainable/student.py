@@ -13,6 +13,7 @@ position length - 1. Deeper stacks, whose second layer needs both directions at 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -120,9 +121,6 @@ STUDENT_ARCH = "BiLSTMClassifier"
 
 def is_student_folder(path) -> bool:
     """A folder written by `sweep export` (or a BiLSTM teacher built here): config.json naming the architecture."""
-    import json
-    from pathlib import Path
-
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
@@ -135,9 +133,6 @@ def is_student_folder(path) -> bool:
 def load_student_folder(path):
     """(model in eval mode, tokenizers.Tokenizer, meta) from a student folder: `student.pt` (a plain state dict,
     loaded with weights_only=True), `tokenizer.json`, `config.json`."""
-    import json
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
     path = Path(path)
