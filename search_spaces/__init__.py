@@ -17,6 +17,9 @@ Parameter names are dotted config keys (names without a dot are bundles). `when`
 an earlier one: a value, a list of values, or a comparison {lt, le, gt, ge, ne: x}. Inactive parameters keep the
 config's value. Every bound and choice is checked against the config's own rules, so a negative dim, a
 temperature <= 0 or a loss rate outside [0, 1] is refused with the parameter and the file named.
+
+yaml is imported inside the function that reads a space file, so importing this module (every command does) does not
+load it.
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ How the pieces reach the pods, and why:
   `--set sweep.resources.gpu=F`, and each worker asks Kubernetes for whole GPUs (`nvidia.com/gpu`).
 - Nothing is exposed beyond the cluster: the head's Service is ClusterIP, no Ingress, no NodePort or
   LoadBalancer; the dashboard is reached with `kubectl port-forward`, which listens on 127.0.0.1.
+
+trainable.io (it loads pyarrow) is imported inside the function that writes the manifest, so `sweep k8s` refuses bad
+input before loading it.
 """
 from __future__ import annotations
 

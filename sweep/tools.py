@@ -2,6 +2,9 @@
 `sweep evaluate`, and `sweep dashboard` (optuna-dashboard over the sweep's study).
 
 Bad files raise `DataError` with one line naming the file; the CLI turns it into exit status 2.
+
+sklearn and optuna-dashboard are imported inside `classification_metrics` and `serve_dashboard`, so the other tools do
+not load them.
 """
 from __future__ import annotations
 

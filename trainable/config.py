@@ -3,6 +3,8 @@
 Every section is a pydantic model that rejects unknown keys and wrong types, so a config is validated completely
 before any work starts. Constructing a config has no side effects (no folders made, no files opened).
 `sweep/config.py` adds the sweep section and the YAML/CLI loading on top of `ExperimentConfig`.
+
+yaml is imported inside the function that reads YAML, so the schema loads with pydantic alone.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@
       -> encoded splits (flat int32 tokens + offsets), cached as Parquet keyed by (data, tokenizer, max length)
 
 Bad data raises `DataError` with one line naming the file, the line or column, and what was expected.
+
+tokenizers and pyarrow.compute are imported inside the functions that use them, so reading a table or the config does
+not load them.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ labelled training rows plus the transfer rows (unlabeled; the teacher's soft lab
 distillation loss against cached teacher logits, Adam, StepLR or CyclicLR, evaluation on validation, TensorBoard
 scalars, and a checkpoint folder (model, optimizer, scheduler, epoch, RNG state) from which a run continues exactly
 where it stopped. Test accuracy is measured on the best-validation weights.
+
+TensorBoard (torch.utils.tensorboard) is imported inside the two functions that open an event writer, so importing the
+loop (every task's trainer does) does not load it.
 """
 from __future__ import annotations
 

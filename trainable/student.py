@@ -9,6 +9,9 @@ fixes that but moves the CPU off PyTorch's fused LSTM kernel (2-3x slower here, 
 For one layer we instead run the fused kernel twice through a unidirectional view of the same weights: forward over
 the padded batch, backward over each review reversed in place (padding stays at the right), and read both states at
 position length - 1. Deeper stacks, whose second layer needs both directions at every step, use packing.
+
+tokenizers and trainable.data/io (they load pyarrow) are imported inside the functions that read a student folder, so
+the model classes load with torch alone.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@
 
 An n-gram teacher is not saved: it is refitted (deterministically, about a minute on the whole training split) when
 logits it has not cached are needed.
+
+transformers, tokenizers, sklearn, scipy and kiwipiepy are imported inside the teacher kinds that use them, so one kind
+does not load another's libraries.
 """
 from __future__ import annotations
 

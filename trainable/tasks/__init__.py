@@ -24,6 +24,9 @@ The contract (see `Task` below for the signatures):
   manifest written by `write_manifest` (`task`, and what `predict` needs, e.g. `num_classes`).
 - `predict(folder, texts)`: one JSON-able dict per text of an export; `predictor(folder, runtime=, batch_size=)`
   loads the export once for many texts, in one of the task's `runtimes` (`sweep predict`/`evaluate --runtime`).
+
+numpy and trainable.data/io (they load pyarrow) are imported inside the functions that use them, so loading a task
+(every command) does not load them.
 """
 from __future__ import annotations
 

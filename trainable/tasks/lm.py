@@ -16,6 +16,9 @@ The budget step ASHA counts is one epoch over the training reviews.
 
 Export: a folder with `lm.pt` (state dict), `tokenizer.json` and `config.json`; `sweep predict` scores texts with
 it (loss and perplexity per text).
+
+tokenizers and trainable.data/io/cache/loop (they load pyarrow) are imported inside the functions that use them, so
+loading this task with a config does not load them.
 """
 from __future__ import annotations
 

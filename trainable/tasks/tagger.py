@@ -12,6 +12,9 @@ token) -> dropout -> Linear to the tags; cross-entropy per token, padding exclud
 real tokens (`val_acc`, max); `test_acc` of the best-validation weights. The budget step is one epoch.
 
 Export: `tagger.pt`, `vocab.json` (forms in id order), `tags.json` and `config.json`; `sweep predict` tags texts.
+
+kiwipiepy and trainable.data/io/cache/loop (they load pyarrow) are imported inside the functions that use them, so
+loading this task with a config does not load them.
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ if the encoder was saved). Its final MLM loss and time are reported as `pretrain
 Export: a `save_pretrained` folder (model and a PreTrainedTokenizerFast) that a classify config loads as its
 teacher (`teacher.source: <folder>`, `teacher.epochs: 0`), plus `export.json` (where it came from, its
 accuracies); `sweep predict` labels texts with it.
+
+transformers, tokenizers and trainable.data/io/cache/loop/pretrain/teacher (they load pyarrow or transformers) are
+imported inside the functions that use them, so loading this task with a config does not load them.
 """
 from __future__ import annotations
 
