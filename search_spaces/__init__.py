@@ -17,6 +17,9 @@ Parameter names are dotted config keys (names without a dot are bundles). `when`
 an earlier one: a value, a list of values, or a comparison {lt, le, gt, ge, ne: x}. Inactive parameters keep the
 config's value. Every bound and choice is checked against the config's own rules, so a negative dim, a
 temperature <= 0 or a loss rate outside [0, 1] is refused with the parameter and the file named.
+
+yaml is imported inside the function that reads a space file, so importing this module (every command does) does not
+load it.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from trainable.config import validation_problem, yaml_load
 
 HERE = Path(__file__).parent
 Scalar = Union[bool, int, float, str]
@@ -206,7 +211,6 @@ def load_space(source: str | Path | dict, check: Callable[[dict[str, Any]], Opti
     """
     import yaml
 
-    from trainable.config import validation_problem, yaml_load
 
     if isinstance(source, dict):
         raw, origin = source, origin or "sweep.space"

@@ -12,8 +12,10 @@ import yaml
 from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from search_spaces import load_space
 from trainable.config import ExperimentConfig, Section, validation_problem, yaml_load
 from trainable.config import set_dotted as _set_dotted
+from trainable.tasks import validate_config
 
 
 class ConfigError(ValueError):
@@ -176,8 +178,6 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
 
 def validate(raw: dict, origin: str) -> Config:
     """The whole config, with its task's section and checks (trainable.tasks.validate_config), or one line."""
-    from trainable.tasks import validate_config
-
     try:
         return validate_config(raw, Config)
     except ValidationError as e:
@@ -237,8 +237,6 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 def load_space_for(cfg: Config):
     """The sweep's search space, every bound and choice checked against the config's rules; None if no space."""
-    from search_spaces import load_space
-
     if cfg.sweep.space is None:
         return None
 

@@ -1,5 +1,7 @@
 """How many trials a sweep runs, and what its space can draw: the numbers the tuner launches and the planner,
-the GPU sizing and the report count with. No Ray here."""
+the GPU sizing and the report count with. No Ray here.
+
+Optuna is imported inside the one function that needs it, so counting trials loads nothing heavy."""
 from __future__ import annotations
 
 import math

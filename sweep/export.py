@@ -14,7 +14,8 @@ from trainable.loop import CheckpointError, load_checkpoint, trial_checkpoints
 from trainable.tasks import config_from_trial
 
 from .config import SECOND_OBJECTIVE, ConfigError, metric_of
-from .report import _ranked, collect_trials, load_sweep_config
+from .report import (STATUS_FAILED, _candidates, _ranked, collect_trials, constraint_misses, front_members,
+                     load_sweep_config)
 
 
 def _latest_valid_checkpoint(trial_dir: Path, log: Callable[[str], None]) -> dict:
@@ -54,8 +55,6 @@ def _trial_row(folder: Path, rows: list[dict], ranked: list[dict], trial: str | 
     """The row to export: the best (`trial` None; with `sweep.constraints`, the best feasible), else the trial of
     that Ray id or, failing that, of that Optuna trial number (an infeasible one with a warning: asked for by
     name). One line naming what is wrong otherwise."""
-    from .report import STATUS_FAILED, _candidates, constraint_misses
-
     limits = cfg.sweep.constraints if cfg is not None else {}
     if trial is None:
         if not ranked:
@@ -112,8 +111,6 @@ def export_pareto(folder: Path, out: Path, force: bool = False, log: Callable[[s
     """Every trial on the sweep's Pareto front (the report's: `report.front_members`), each exported into its own
     sub-folder of `out` (named by its trial id), with `index.json` listing trial, folder and objective values,
     smallest first. `out` is replaced whole, only once every member is written."""
-    from .report import front_members
-
     cfg, metric, mode, _, ranked = _sweep_trials(folder, out, allow_task_code)
     second = SECOND_OBJECTIVE[cfg.sweep.objectives]
     front = front_members(ranked, metric, mode, second)

@@ -22,6 +22,9 @@ How the pieces reach the pods, and why:
   `--set sweep.resources.gpu=F`, and each worker asks Kubernetes for whole GPUs (`nvidia.com/gpu`).
 - Nothing is exposed beyond the cluster: the head's Service is ClusterIP, no Ingress, no NodePort or
   LoadBalancer; the dashboard is reached with `kubectl port-forward`, which listens on 127.0.0.1.
+
+trainable.io (it loads pyarrow) is imported inside the function that writes the manifest, so `sweep k8s` refuses bad
+input before loading it.
 """
 from __future__ import annotations
 
@@ -30,12 +33,20 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import Version
 
-from .config import ConfigError
+from search_spaces import HERE
+from trainable.memory import RAY_RESOURCE_UNIT
+from trainable.tasks import has_hook
+
+from .config import ConfigError, load_config, load_raw, load_space_for
+from .resources import size_gpu
 
 Log = Callable[[str], None]
 
@@ -135,17 +146,11 @@ def check_image(image: str) -> str:
 
 def installed_version(dist: str) -> str:
     """The release of an installed distribution, without a local suffix ('2.13.0+cpu' -> '2.13.0')."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
     return Version(version(dist)).public
 
 
 def project_requirement(package: str | None) -> str:
     """The pinned pip requirement for this project: `package`, else this checkout's origin remote at HEAD."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     if package is None:
         package = _origin_requirement()
     try:
@@ -210,8 +215,6 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
     if res.gpu == "auto":
         fraction, per_gpu, line = _auto_gpu(cfg, space, gpu_memory_gib, gpus_per_worker)
     else:
-        from trainable.memory import RAY_RESOURCE_UNIT
-
         fraction = float(res.gpu)
         # in Ray's units of 1e-4, as Ray packs them (1 // 0.1 is 9 in floating point)
         per_gpu = RAY_RESOURCE_UNIT // round(fraction * RAY_RESOURCE_UNIT) if 0 < fraction <= 1 else 0
@@ -235,10 +238,6 @@ def size_workers(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int 
 
 
 def _auto_gpu(cfg, space, gpu_memory_gib: float | None, gpus_per_worker: int) -> tuple[float, int, str]:
-    from trainable.tasks import has_hook
-
-    from .resources import size_gpu
-
     if gpus_per_worker == 0:
         return 0.0, 0, "resources: gpu auto: no GPU per worker (--gpus-per-worker 0); running on CPU"
     if not has_hook(cfg.task_def, "gpu_memory"):  # as sweep run says (resources.size_gpu), before asking for memory
@@ -263,8 +262,6 @@ def job_name(sweep_name: str) -> str:
 def shipped_config(raw: dict) -> dict[str, str]:
     """The ConfigMap's files: config.yaml (the config as loaded here, --set applied), the search-space file it
     names (as it is, comments and all) and a task .py file, each renamed to its place under /etc/kd-sweep."""
-    from search_spaces import HERE
-
     raw = {**raw, "sweep": dict(raw.get("sweep") or {})}
     files: dict[str, str] = {}
     space = raw["sweep"].get("space")
@@ -301,8 +298,6 @@ def build_manifest(config_path: str, overrides: list[str], *, results: str = DEF
                    log: Log = lambda m: None) -> tuple[str, str]:
     """(the manifest's text, the RayJob's name): a ConfigMap with the config and the RayJob, every input checked
     before anything is returned."""
-    from .config import load_config, load_raw, load_space_for
-
     cfg, _ = load_config(config_path, overrides)
     space = load_space_for(cfg)
     if space is None:

@@ -18,12 +18,16 @@
   plus each phase's tail (its last trial may run alone), plus start-up; on an idle machine and, when the machine is
   busy now (its 1-minute load average), with the share of the cores the trials would get beside that load.
   Preparation (teacher, tokenizer, logits) comes on top when its caches are cold.
+
+torch and trainable.data/io (they load pyarrow) are imported inside the functions that use them, so `sweep plan` refuses
+a bad config before loading them.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -231,7 +235,6 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or platform.machine()
 

@@ -1,5 +1,8 @@
 """What each trial asks of the cluster: `sweep.resources.gpu: auto` sized from the largest trial's memory estimate
-(the task's `gpu_memory`, e.g. trainable/memory.py for the BiLSTM students) and the cluster's smallest GPU."""
+(the task's `gpu_memory`, e.g. trainable/memory.py for the BiLSTM students) and the cluster's smallest GPU.
+
+Ray, torch, trainable.io and .plan (they load pyarrow) are imported inside the functions that use them, so sizing a
+config does not load them."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +24,6 @@ class StorageError(RuntimeError):
 
 def code_version() -> dict:
     """The package version and, inside a git checkout, the commit and whether the tree had changes."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         pkg = version("kd-sweep")
     except PackageNotFoundError:

@@ -2,6 +2,9 @@
 `sweep evaluate`, and `sweep dashboard` (optuna-dashboard over the sweep's study).
 
 Bad files raise `DataError` with one line naming the file; the CLI turns it into exit status 2.
+
+sklearn and optuna-dashboard are imported inside `classification_metrics` and `serve_dashboard`, so the other tools do
+not load them.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from trainable.data import DataError
+from trainable.config import DataConfig
+from trainable.data import DataError, read_table, read_texts
+from trainable.tasks import BUILTIN, MANIFEST, TaskError, is_builtin, load_task, read_manifest
 
 from .config import ConfigError
+from .tuner import STUDY_FILE
 
 if TYPE_CHECKING:
     from trainable.tasks import Task
@@ -26,8 +32,6 @@ def _one_line(e: Exception) -> DataError:
 def read_input_texts(source: str, column: str = "document") -> list[str]:
     """Texts to label from a file or '-' (stdin): one per line, or a TSV/CSV/Parquet with `column`. A first line
     holding a tab is taken for a table header (a TSV without `column` is an error, not reviews)."""
-    from trainable.data import read_texts
-
     if source != "-":
         path = Path(source)
         if not path.is_file():
@@ -61,9 +65,6 @@ def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_c
     """The exported model's metrics on a labelled file (NSMC TSV, or CSV/TSV/Parquet with the named columns): an
     export whose manifest names its classes (`num_classes`: a student, a transformer teacher), labelled by its
     task's `predict`. `task_file`: the user's `--task` (see `export_task`)."""
-    from trainable.config import DataConfig
-    from trainable.data import read_table
-
     task, label = open_predictor(model_dir, task_file, runtime, batch_size)
     num_classes = _export_num_classes(model_dir, task.name)
     cfg = DataConfig(text_column=text_column, label_column=label_column, id_column=None,
@@ -82,8 +83,6 @@ def evaluate(model_dir: Path, path: Path, text_column: str = "document", label_c
 
 
 def _manifest(model_dir: Path) -> dict:
-    from trainable.tasks import TaskError, read_manifest
-
     try:
         return read_manifest(Path(model_dir))
     except TaskError as e:
@@ -95,8 +94,6 @@ def export_task(model_dir: Path, task_file: str | None = None) -> str:
     exported before the manifest named it: the default task). Only a built-in task is taken from the folder: a
     task module is code, and a folder we did not write must not choose code to run. A custom task's export is
     opened with the user's own `task_file` (`--task FILE`)."""
-    from trainable.tasks import BUILTIN, MANIFEST, is_builtin
-
     if task_file is not None:
         return task_file
     task = _manifest(model_dir)["task"]
@@ -111,8 +108,6 @@ def open_predictor(model_dir: Path, task_file: str | None, runtime: str = "eager
                    batch_size: int = 512) -> tuple[Task, Callable[[list[str]], list[dict]]]:
     """(the export's task, its `predictor`: texts -> one dict per text) in one of the task's runtimes. The export
     is read here (a missing file is said before any text is); a task's refusal is one line (ConfigError)."""
-    from trainable.tasks import TaskError, load_task
-
     name = export_task(model_dir, task_file)
     try:
         task = load_task(name)
@@ -163,8 +158,6 @@ def format_evaluation(result: dict) -> str:
 
 def serve_dashboard(folder: Path, host: str, port: int, log: Callable[[str], None]) -> None:
     """optuna-dashboard over the sweep's SQLite study; blocks until interrupted."""
-    from .tuner import STUDY_FILE
-
     db = folder / STUDY_FILE
     if not db.is_file():
         raise ConfigError(f"{folder}: no Optuna study ({STUDY_FILE} is missing; a sweep writes it when it starts)")

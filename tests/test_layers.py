@@ -150,3 +150,121 @@ def test_the_task_name_scan_sees_a_branch_and_an_import(tmp_path):
         "sweep/a.py:2: import trainable.tasks.classify", "sweep/a.py:2: import trainable.tasks.classify.load_runtime",
         "sweep/a.py:8: 'classify'", "sweep/a.py:9: \"auto sizes the classify task's students, not \"",
         "sweep/a.py:10: 'lm'"]
+
+
+# Libraries slow enough to load that a command which may not need them imports them inside a function. A dotted name
+# is a part of a library its top level does not load (torch.utils.tensorboard loads tensorboard).
+HEAVY = {"ray", "optuna", "optuna_dashboard", "torch", "torch.utils.tensorboard", "transformers", "tokenizers",
+         "safetensors", "sklearn", "scipy", "matplotlib", "tensorboard", "numpy", "pyarrow", "pyarrow.compute",
+         "pandas", "onnx", "onnxruntime", "kiwipiepy", "pydantic", "yaml", "huggingface_hub"}
+# The modules whose function-local imports are held to the rule below (issue 20 item 3).
+LOCAL_IMPORT_SCOPE = ("trainable", "search_spaces", "sweep.k8s", "sweep.tools", "sweep.config", "sweep.export",
+                      "sweep.runs", "sweep.plan", "sweep.resources", "sweep.samplers", "sweep.counts")
+
+
+def _heavy(name: str) -> str | None:
+    """The HEAVY library (its longest dotted name) that importing `name` loads, if any."""
+    hits = [h for h in HEAVY if name == h or name.startswith(h + ".")]
+    return max(hits, key=len) if hits else None
+
+
+def light_local_imports(root: Path, scope: tuple[str, ...]) -> list[str]:
+    """Function-local imports in `scope` that load nothing the module's top level does not already load: neither a
+    HEAVY library nor a module of ours whose top level (transitively) loads one the importing module's does not.
+    Such an import only hides the module's dependencies; it belongs at the top, unless it breaks an import cycle,
+    which its line says with a `# (local: ...)` comment."""
+    modules = {}
+    for pkg in PACKAGES:
+        for path in (root / pkg).rglob("*.py") if (root / pkg).is_dir() else ():
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def ours(n: str) -> str | None:
+        while n and n not in modules:
+            n = n.rpartition(".")[0]
+        return n or None
+
+    top, local, lines = {}, {}, {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        text = path.read_text(encoding="utf-8")
+        lines[name] = text.splitlines()
+        top[name], local[name] = set(), []
+
+        def walk(node: ast.AST, in_function: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    continue  # never runs
+                if isinstance(child, (ast.Import, ast.ImportFrom)):
+                    if isinstance(child, ast.Import):
+                        names = [a.name for a in child.names]
+                    else:
+                        base = ".".join(package[:len(package) - child.level + 1] + ([child.module] if child.module
+                                                                                     else [])) \
+                            if child.level else child.module
+                        names = [base] + [f"{base}.{a.name}" for a in child.names]
+                    if in_function:
+                        local[name].append((child, names))
+                    else:
+                        top[name].update(names)
+                walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+        walk(ast.parse(text), False)
+
+    loads: dict[str, set[str]] = {}
+
+    def libraries(m: str, seen: tuple[str, ...] = ()) -> set[str]:
+        """The HEAVY libraries importing module `m` loads (its top level, transitively)."""
+        if m in loads:
+            return loads[m]
+        if m in seen:
+            return set()
+        out = set()
+        for n in top[m]:
+            o = ours(n)
+            if o and o != m:
+                out |= libraries(o, seen + (m,))
+            elif not o and _heavy(n):
+                out.add(_heavy(n))
+        if not seen:
+            loads[m] = out
+        return out
+
+    found = []
+    for m in sorted(modules):
+        if not m.startswith(scope):
+            continue
+        for node, names in local[m]:
+            new = set()
+            for n in names:
+                o = ours(n)
+                new |= libraries(o) if o else {_heavy(n)} - {None}
+            text = " ".join(lines[m][node.lineno - 1:node.end_lineno])
+            if not new - libraries(m) and "# (local:" not in text:
+                found.append(f"{m}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_function_local_imports_keep_start_up_fast():
+    """A function-local import in LOCAL_IMPORT_SCOPE loads a heavy library the module's top level does not (so a
+    command that does not need it starts fast), or says why it is local; anything else is at the top."""
+    assert light_local_imports(ROOT, LOCAL_IMPORT_SCOPE) == []
+
+
+def test_the_local_import_scan_sees_a_light_local_import(tmp_path):
+    (tmp_path / "trainable").mkdir()
+    (tmp_path / "trainable" / "__init__.py").write_text("")
+    (tmp_path / "trainable" / "heavy.py").write_text("import torch\n")
+    (tmp_path / "trainable" / "light.py").write_text("import json\n")
+    (tmp_path / "trainable" / "a.py").write_text(
+        "import numpy as np\n\n\n"
+        "def f():\n"
+        "    import json\n"
+        "    import numpy\n"
+        "    import torch\n"
+        "    import torch.utils.tensorboard\n"
+        "    from . import light\n"
+        "    from .heavy import x\n"
+        "    from . import light as again  # (local: trainable.light imports this one)\n")
+    assert light_local_imports(tmp_path, ("trainable",)) == [
+        "trainable.a:5: import json", "trainable.a:6: import numpy", "trainable.a:9: from . import light"]

@@ -3,9 +3,12 @@
 Every section is a pydantic model that rejects unknown keys and wrong types, so a config is validated completely
 before any work starts. Constructing a config has no side effects (no folders made, no files opened).
 `sweep/config.py` adds the sweep section and the YAML/CLI loading on top of `ExperimentConfig`.
+
+yaml is imported inside the function that reads YAML, so the schema loads with pydantic alone.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
@@ -275,8 +278,6 @@ def validation_problem(err, with_input: bool = True) -> tuple[list[str], str]:
 
 def yaml_load(text: str):
     """yaml.safe_load, except that `1e-3` is a float (YAML 1.1 wants `1.0e-3` and would return a string)."""
-    import re
-
     import yaml
 
     class Loader(yaml.SafeLoader):

@@ -8,6 +8,9 @@
       -> encoded splits (flat int32 tokens + offsets), cached as Parquet keyed by (data, tokenizer, max length)
 
 Bad data raises `DataError` with one line naming the file, the line or column, and what was expected.
+
+tokenizers and pyarrow.compute are imported inside the functions that use them, so reading a table or the config does
+not load them.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -384,8 +388,6 @@ def train_wordpiece(texts: list[str], vocab_size: int, min_frequency: int = 2, l
     to the trainer with a limit of its own size, and the continuation characters the trainer would add are handed
     to it first, in character order, as reserved tokens. The result is then renumbered (special tokens first, every
     other token in string order) into a plain WordPiece model, with only the real special tokens marked special."""
-    from collections import Counter
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     def blank():

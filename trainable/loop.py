@@ -8,6 +8,9 @@ labelled training rows plus the transfer rows (unlabeled; the teacher's soft lab
 distillation loss against cached teacher logits, Adam, StepLR or CyclicLR, evaluation on validation, TensorBoard
 scalars, and a checkpoint folder (model, optimizer, scheduler, epoch, RNG state) from which a run continues exactly
 where it stopped. Test accuracy is measured on the best-validation weights.
+
+TensorBoard (torch.utils.tensorboard) is imported inside the two functions that open an event writer, so importing the
+loop (every task's trainer does) does not load it.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import StudentConfig, TrainConfig
+from .cost import measure_cost
 from .data import EncodedData, EncodedSplit
 from .io import atomic_path, sha256_file, write_json
 from .losses import distillation_loss
-from .student import BiLSTMClassifier, count_params, state_dict_kb
+from .student import BiLSTMClassifier, count_params, init_from_lm, state_dict_kb
 
 METRIC, MODE = "val_acc", "max"  # the classify task's default metric (a sweep's `sweep.metric` replaces it)
 BUCKET_BATCHES = 50  # batches per sorted chunk: enough to find equal lengths, small enough to stay random
@@ -471,8 +475,6 @@ class StudentJob(Job):
 
     def cost(self, weights: dict) -> dict[str, float]:
         """Serving cost of `weights` as exported (trainable/cost.py), at the longest training review's length."""
-        from .cost import measure_cost
-
         return measure_cost(weights, self.model, self.padded.shape[1])
 
     def state_dict(self) -> dict:
@@ -526,8 +528,6 @@ def train_student(
     model = BiLSTMClassifier(data.vocab_size, student_cfg.embedding_dim, student_cfg.hidden_dim, num_classes,
                              student_cfg.num_layers, student_cfg.dropout)
     if student_cfg.init_from is not None:
-        from .student import init_from_lm
-
         log(init_from_lm(model, student_cfg.init_from, data.tokenizer_file))
     params, size_kb = count_params(model), state_dict_kb(model)
     model.to(device)

@@ -18,6 +18,8 @@ Caching: the encoder is saved (`save_pretrained`) with `pretrain.json` (its metr
 `<cache_dir>/pretrained/<key>/`, where the key hashes everything that shapes the weights: the model config, the
 tokenizer, the texts, the `PretrainConfig`, `max_length` and the seed. A later call with the same inputs loads it
 instead of training (fine-tuning variants of one pre-trained encoder share it).
+
+transformers and safetensors are imported inside the functions that use them, so importing this module loads neither.
 """
 from __future__ import annotations
 

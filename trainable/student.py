@@ -9,10 +9,14 @@ fixes that but moves the CPU off PyTorch's fused LSTM kernel (2-3x slower here, 
 For one layer we instead run the fused kernel twice through a unidirectional view of the same weights: forward over
 the padded batch, backward over each review reversed in place (padding stays at the right), and read both states at
 position length - 1. Deeper stacks, whose second layer needs both directions at every step, use packing.
+
+tokenizers and trainable.data/io (they load pyarrow) are imported inside the functions that read a student folder, so
+the model classes load with torch alone.
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -120,9 +124,6 @@ STUDENT_ARCH = "BiLSTMClassifier"
 
 def is_student_folder(path) -> bool:
     """A folder written by `sweep export` (or a BiLSTM teacher built here): config.json naming the architecture."""
-    import json
-    from pathlib import Path
-
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
@@ -135,9 +136,6 @@ def is_student_folder(path) -> bool:
 def load_student_folder(path):
     """(model in eval mode, tokenizers.Tokenizer, meta) from a student folder: `student.pt` (a plain state dict,
     loaded with weights_only=True), `tokenizer.json`, `config.json`."""
-    import json
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
     path = Path(path)

@@ -16,9 +16,13 @@
 
 An n-gram teacher is not saved: it is refitted (deterministically, about a minute on the whole training split) when
 logits it has not cached are needed.
+
+transformers, tokenizers, sklearn, scipy and kiwipiepy are imported inside the teacher kinds that use them, so one kind
+does not load another's libraries.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,12 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import TeacherConfig
-from .data import Corpus, Table, train_wordpiece
+from .config import StudentConfig, TeacherConfig, TokenizerConfig, TrainConfig
+from .data import Corpus, EncodedData, EncodedSplit, Table, encode_texts, get_tokenizer, train_wordpiece
 from .cache import cached, entry_path
 from .io import sha256_dir, sha256_json, write_json
-from .loop import bucketed_batches
-from .student import is_student_folder
+from .loop import bucketed_batches, predict_split, train_student
+from .pretrain import pretrain_encoder
+from .student import is_student_folder, load_student_folder
 
 Log = Callable[[str], None]
 
@@ -93,8 +98,6 @@ def build_scratch(cfg: TeacherConfig, corpus: Corpus, num_classes: int, max_posi
     else:
         from tokenizers import Tokenizer
 
-        from .config import TokenizerConfig
-        from .data import get_tokenizer
 
         tok = Tokenizer.from_file(str(get_tokenizer(corpus, TokenizerConfig(vocab_size=cfg.vocab_size), cache_dir,
                                                     lambda m: None, cfg.vocab_size)))
@@ -309,8 +312,6 @@ def get_teacher(cfg: TeacherConfig, corpus: Corpus, num_classes: int, cache_dir:
             model, tok = build_scratch(cfg, corpus, num_classes, cfg.max_length + 2, cache_dir)
             metrics = {}
             if pre_texts is not None:
-                from .pretrain import pretrain_encoder
-
                 metrics["pretrain"] = pretrain_encoder(model, tok, pre_texts[0], cfg.pretrain,
                                                        max_length=cfg.max_length, seed=cfg.seed, cache_dir=cache_dir,
                                                        log=log)
@@ -340,10 +341,6 @@ def get_teacher(cfg: TeacherConfig, corpus: Corpus, num_classes: int, cache_dir:
 def _build_bilstm(cfg: TeacherConfig, corpus: Corpus, num_classes: int, tmp: Path, log: Log) -> dict:
     """A wide BiLSTM trained with the student loop on the labelled rows (no teacher), saved as a student folder in
     `tmp` (a cache entry's temporary folder); returns its teacher.json."""
-    from .config import StudentConfig, TrainConfig
-    from .data import EncodedData, EncodedSplit, encode_texts
-    from .loop import train_student
-
     b = cfg.bilstm
     log(f"teacher: training a BiLSTM (embedding {b.embedding_dim}, hidden {b.hidden_dim}, vocab {cfg.vocab_size}) "
         f"for {cfg.epochs} epoch(s)")
@@ -455,10 +452,6 @@ def _compute_logits(teacher: Teacher, corpus: Corpus, names: tuple[str, ...], lo
         log(f"teacher logits ({cfg.source}): {n_rows} reviews")
         return {n: model.logits(corpus.split(n).texts) for n in names}
     if teacher.kind == "student":
-        from .data import EncodedSplit, encode_texts
-        from .loop import predict_split
-        from .student import load_student_folder
-
         model, tok, meta = load_student_folder(teacher.path)
         model.to(_device())
         log(f"teacher logits ({teacher.path.name}): {n_rows} reviews")
@@ -559,8 +552,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def choose_weights(val_logp: list[np.ndarray], labels: np.ndarray, step: float = 0.1) -> list[float]:
     """Ensemble weights on the simplex (multiples of `step`) that maximise validation accuracy; among ties the
     most even weights (highest entropy) win, so the choice is deterministic and does not overfit to one member."""
-    import itertools
-
     n = len(val_logp)
     k = int(round(1 / step)) if n <= 4 else 4  # 11^(n-1) points for n <= 4; a coarser grid for bigger ensembles
     best = None

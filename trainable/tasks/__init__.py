@@ -24,18 +24,27 @@ The contract (see `Task` below for the signatures):
   manifest written by `write_manifest` (`task`, and what `predict` needs, e.g. `num_classes`).
 - `predict(folder, texts)`: one JSON-able dict per text of an export; `predictor(folder, runtime=, batch_size=)`
   loads the export once for many texts, in one of the task's `runtimes` (`sweep predict`/`evaluate --runtime`).
+
+numpy and trainable.data/io (they load pyarrow) are imported inside the functions that use them, so loading a task
+(every command) does not load them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import ExperimentConfig
+from pydantic import create_model
+
+from ..config import ExperimentConfig, set_dotted
 
 BUILTIN = ("classify", "lm", "tagger", "transformer")
 # The task of a config without `task:` (the schema's default), and of an export whose manifest names none.
@@ -191,8 +200,6 @@ def train_task(task: Task, cfg, inputs: dict, *, metric: str | None, mode: str |
                warn: Callable[[str], None] | None = None, **kwargs):
     """`task.train` told the sweep's metric and mode. A task file written before `train` took them keeps its own
     choice of best weights, said in `warn` (default `log`), rather than failing every trial."""
-    import inspect
-
     params = inspect.signature(task.train).parameters
     if "metric" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return task.train(cfg, inputs, metric=metric, mode=mode, log=log, **kwargs)
@@ -228,8 +235,6 @@ def text_splits(data_cfg, rows_values: list, val_rows: int, test_rows: int) -> t
 def fmt_number(v, nd: int = 4) -> str:
     """A number as the report prints it (nd significant digits, trailing zeros dropped; "-" for none or NaN), for the
     lines a task adds to it (`report_lines`)."""
-    import math
-
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
@@ -249,8 +254,6 @@ def read_manifest(folder: Path) -> dict:
     """An export's manifest: config.json, with EXTRA_MANIFEST's keys over it where there is one; `task` is
     DEFAULT_TASK where neither names one (a student exported before its manifest named its task, or a folder with
     neither file). TaskError, naming the file, for one that is not a JSON object."""
-    import json
-
     meta: dict = {}
     for name in (MANIFEST, EXTRA_MANIFEST):
         path = Path(folder) / name
@@ -275,8 +278,6 @@ def config_model(task: Task, base: type) -> type:
     named after the task, and the task as `task_def`: the class a config of this task validates with."""
     key = (base, task.name, id(task))
     if key not in _models:
-        from pydantic import create_model
-
         fields = {task.name: (task.section, task.section())} if task.section is not None else {}
         model = create_model(f"{base.__name__}_{task.name}", __base__=base, **fields)
         model.task_def = task
@@ -313,10 +314,6 @@ def validate_config(raw: dict, base: type | None = None):
 def config_from_trial(base: dict, trial: dict[str, Any]):
     """The base config with a trial's dotted keys applied, validated with its task; keys without a dot (bundle
     labels) are ignored."""
-    import copy
-
-    from ..config import set_dotted
-
     raw = copy.deepcopy(base)
     for key, value in trial.items():
         if "." in key:

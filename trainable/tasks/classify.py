@@ -18,12 +18,19 @@ loading a config (every command) does not load it.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import shutil
+import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from . import Task, TaskError, write_manifest
+from ..memory import estimate_trial_memory
+from . import Task, TaskError, config_from_trial, write_manifest
+from . import fmt_number as fmt
 
 # Runtimes `sweep predict/evaluate --runtime` can use, and the export file each one loads (eager: student.pt).
 RUNTIMES = ("eager", "torchscript", "int8", "onnx")
@@ -105,12 +112,8 @@ class Classify(Task):
         """`train_student` itself (its batching, loss, optimizer, evaluation and a checkpoint) for one epoch on
         random token ids whose lengths are drawn from `lengths`, half the rows without a label (transfer rows):
         first a few batches to gauge the speed, then an epoch of about `budget_s` seconds, timed."""
-        import tempfile
-        import time
-
         import numpy as np
 
-        from . import config_from_trial
         from ..data import NO_LABEL, EncodedData, EncodedSplit
         from ..loop import train_student
 
@@ -149,8 +152,6 @@ class Classify(Task):
     def gpu_memory(self, cfg, values, rows):
         """The largest student the space can draw (each size at its largest on its own: an upper bound) with the
         most training rows any trial holds on its device (labelled + transfer, when some trial has a teacher)."""
-        from ..memory import estimate_trial_memory
-
         big = lambda key: max(v for v in values(key) if v is not None)  # noqa: E731
         keys = {"vocab_size": "tokenizer.vocab_size", "embedding_dim": "student.embedding_dim",
                 "hidden_dim": "student.hidden_dim", "num_layers": "student.num_layers",
@@ -215,8 +216,6 @@ class Classify(Task):
 
     def run_result(self, result, prepared) -> tuple[dict, str]:
         """`train_student`'s result, with the teacher's paths and scores when there is one."""
-        import dataclasses
-
         out = dataclasses.asdict(result)
         out.pop("history")
         if prepared.teacher is not None:
@@ -233,8 +232,6 @@ class Classify(Task):
 
     def report_lines(self, folder: Path, cfg) -> list[str]:
         """The teacher (or ensemble) and the transfer set, from the teacher.json `save_artifacts` wrote."""
-        from . import fmt_number as fmt
-
         path = folder / "teacher.json"
         teacher = json.loads(path.read_text()) if path.is_file() else {}
         if not teacher:
@@ -316,9 +313,6 @@ TASK = Classify()
 def export_onnx(portable, path: Path, log: Callable[[str], None]) -> bool:
     """student.onnx with dynamic batch and time axes from a `PortableBiLSTM`; False (and a warning) when `onnx` is
     not installed."""
-    import inspect
-    import warnings
-
     import torch
 
     from ..cost import example_batch

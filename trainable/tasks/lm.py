@@ -16,9 +16,13 @@ The budget step ASHA counts is one epoch over the training reviews.
 
 Export: a folder with `lm.pt` (state dict), `tokenizer.json` and `config.json`; `sweep predict` scores texts with
 it (loss and perplexity per text).
+
+tokenizers and trainable.data/io/cache/loop (they load pyarrow) are imported inside the functions that use them, so
+loading this task with a config does not load them.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass, replace
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from ..config import Section
+from ..student import count_params, state_dict_kb
 from . import Task, text_splits, write_manifest
 
 BOS, EOS = 2, 3  # [CLS], [SEP] in trainable.data.SPECIAL_TOKENS
@@ -249,7 +254,6 @@ class LanguageModel(Task):
     def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
               mode=None):
         from ..loop import _hparams, fit, resolve_device
-        from ..student import count_params, state_dict_kb
 
         data = inputs["data"][cfg.lm.vocab_size]
         rows = cfg.lm.rows
@@ -294,8 +298,6 @@ class LanguageModel(Task):
 
 def load_lm(folder: str | Path) -> tuple[LSTMLanguageModel, object, dict]:
     """(model in eval mode, tokenizers.Tokenizer, config) from an exported LM folder."""
-    import json
-
     from tokenizers import Tokenizer
 
     folder = Path(folder)

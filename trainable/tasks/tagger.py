@@ -12,6 +12,9 @@ token) -> dropout -> Linear to the tags; cross-entropy per token, padding exclud
 real tokens (`val_acc`, max); `test_acc` of the best-validation weights. The budget step is one epoch.
 
 Export: `tagger.pt`, `vocab.json` (forms in id order), `tags.json` and `config.json`; `sweep predict` tags texts.
+
+kiwipiepy and trainable.data/io/cache/loop (they load pyarrow) are imported inside the functions that use them, so
+loading this task with a config does not load them.
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from pydantic import Field, PositiveInt
 
 from ..config import Section
+from ..student import count_params, state_dict_kb
 from . import Task, TaskError, text_splits, write_manifest
 
 UNK = 1  # 0 is padding
@@ -57,8 +62,6 @@ class BiLSTMTagger(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) right-padded, lengths (B,) -> tag logits (B, T, K)."""
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
         x = self.dropout(self.embedding(tokens))  # (B, T, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=tokens.shape[1])  # (B, T, 2H)
@@ -248,7 +251,6 @@ class Tagger(Task):
     def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
               mode=None):
         from ..loop import _hparams, fit, resolve_device
-        from ..student import count_params, state_dict_kb
 
         data, c = inputs["data"], cfg.tagger
         if c.rows is not None and c.rows < len(data.forms["train"]):  # a smaller trial: the first rows

@@ -26,6 +26,9 @@ if the encoder was saved). Its final MLM loss and time are reported as `pretrain
 Export: a `save_pretrained` folder (model and a PreTrainedTokenizerFast) that a classify config loads as its
 teacher (`teacher.source: <folder>`, `teacher.epochs: 0`), plus `export.json` (where it came from, its
 accuracies); `sweep predict` labels texts with it.
+
+transformers, tokenizers and trainable.data/io/cache/loop/pretrain/teacher (they load pyarrow or transformers) are
+imported inside the functions that use them, so loading this task with a config does not load them.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from ..config import Section
+from ..config import PretrainConfig, Section, TokenizerConfig
+from ..student import count_params, state_dict_kb
 from . import EXTRA_MANIFEST, Task, write_manifest
 
 CLS, SEP = 2, 3  # in trainable.data.SPECIAL_TOKENS: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4
@@ -226,7 +230,6 @@ def drawn(cfg, space, key: str, numeric_ok: bool = True) -> list:
 
 
 def _encode(cfg, corpus, vocab: int, max_length: int, log) -> TransformerData:
-    from ..config import TokenizerConfig
     from ..data import EncodedSplit, get_tokenizer
     from ..cache import cached
     from ..io import sha256_file, sha256_json
@@ -322,10 +325,8 @@ class Transformer(Task):
 
     def train(self, cfg, inputs, *, run_dir, tb_dir, resume_from, on_epoch, keep_checkpoints, log, metric=None,
               mode=None):
-        from ..config import PretrainConfig
         from ..loop import _hparams, fit, resolve_device
         from ..pretrain import pretrain_encoder
-        from ..student import count_params, state_dict_kb
 
         c = cfg.transformer
         data = inputs["data"][c.vocab_size]
