@@ -216,6 +216,7 @@ def test_asha_stops_a_trial_that_misses_a_constraint_at_its_first_result(tmp_pat
     assert dict(asha._brackets[0]._rungs[-1][1]) == {"small": 0.7}  # the first rung: the feasible trial alone
     for tid, acc, kb in (("big", 0.9, 140.0), ("small", 0.7, 60.0)):  # the same results, on disk, after a restart
         (tmp_path / f"trial_{tid}").mkdir()
+        (tmp_path / f"trial_{tid}" / "params.json").write_text("{}")  # Ray writes it as the trial starts
         (tmp_path / f"trial_{tid}" / "result.json").write_text(
             json.dumps({"trial_id": tid, "epoch": 1, "val_acc": acc, "size_kb": kb}) + "\n")
     resumed = make_scheduler(cfg, tmp_path)

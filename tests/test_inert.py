@@ -214,6 +214,7 @@ def test_asha_replays_the_folder_resumed(tmp_path):
     saved = pickle.dumps(asha)  # as in tuner.pkl
     moved = tmp_path / "moved"
     (moved / "trial_a").mkdir(parents=True)
+    (moved / "trial_a" / "params.json").write_text("{}")  # Ray writes it as the trial starts
     (moved / "trial_a" / "result.json").write_text(json.dumps({"trial_id": "a", "epoch": 1, "val_acc": 0.6}))
     with resuming(moved):
         resumed = pickle.loads(saved)
