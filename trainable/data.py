@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import NSMC_URL, DataConfig, TokenizerConfig
+from .errors import DataError
 from .cache import cached, entry_path
 from .io import sha256_file, sha256_json
 
@@ -38,10 +39,6 @@ NSMC_ROWS = {"ratings_train.txt": 150_000, "ratings_test.txt": 50_000}
 PAD, UNK = 0, 1
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 NO_LABEL = -1  # a transfer row's label
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line naming the file and what was expected."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import torch
 
 from .config import StudentConfig, TeacherConfig, TokenizerConfig, TrainConfig
 from .data import Corpus, EncodedData, EncodedSplit, Table, encode_texts, get_tokenizer, train_wordpiece
+from .errors import TeacherError
 from .cache import cached, entry_path
 from .io import sha256_dir, sha256_json, write_json
 from .loop import bucketed_batches, predict_split, train_student
@@ -57,10 +58,6 @@ PRESETS = {
 }
 MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "*.model")
-
-
-class TeacherError(ValueError):
-    """The teacher cannot be loaded or built; one line naming the source and what was expected."""
 
 
 @dataclass(frozen=True)
