@@ -227,10 +227,12 @@ def run_cli(argv: list[str], log_file, limit_s: float | None) -> tuple[int, floa
 
 def _tb_times(tb_dir: Path | None) -> tuple[float | None, float | None]:
     """(start, end) of a trial's training: the event file's first record (written when `fit` opens its writer)
-    and its last scalar (the last epoch's validation)."""
+    and its last scalar (the last epoch's validation); not the KD gain the report adds to a finalist's run."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    files = sorted(tb_dir.glob("events.*")) if tb_dir else []
+    from sweep.tb import KD_GAIN_FILE
+
+    files = sorted(f for f in tb_dir.glob("events.*") if not f.name.endswith(KD_GAIN_FILE)) if tb_dir else []
     times = [e.wall_time for f in files for e in EventFileLoader(str(f)).Load()]
     return (min(times), max(times)) if times else (None, None)
 

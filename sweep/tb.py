@@ -1,5 +1,6 @@
 """TensorBoard as a sweep writes it, for `sweep tensorboard`: every trial's events in `<sweep folder>/tb/<run
-name>/`, and the sweep's HParams experiment (the table's columns) in `tb/hparams`.
+name>/`, the sweep's HParams experiment (the table's columns) in `tb/hparams`, and each finalist's KD gain
+(`kd/gain`) added to its run by the report.
 
 A run's name says what the run is: the trial's number, then its searched parameters, or, for a finalist's extra
 trials, which finalist it measures and with which seed:
@@ -25,6 +26,10 @@ from .counts import OF, ROLE
 
 TB_DIR = "tb"  # in the sweep folder: the logdir `sweep tensorboard` serves
 HPARAMS_RUN = "hparams"  # the run (in TB_DIR) that holds the HParams table's columns
+# A finalist's KD gain, at its last epoch: the difference of mean test scores (the task's test_key) as the report
+# computes it, in that score's own units (classify: accuracy as a fraction, 0.012 = 1.2 points; the report says pt).
+KD_GAIN = "kd/gain"
+KD_GAIN_FILE = "kd_gain"  # the suffix of the one events file that holds it, replaced whenever the report is built
 MAX_NAME = 200  # characters (ASCII only), under the 255 bytes a file name may have
 
 
@@ -85,3 +90,19 @@ def find_run(folder: Path, trial_id: str) -> Path | None:
     n = trial_number(trial_id)
     found = sorted((folder / TB_DIR).glob(f"{n:03d} *")) if n is not None else []
     return found[0] if found else None
+
+
+def write_kd_gains(folder: Path, finalists: list[dict]) -> list[Path]:
+    """Each finalist's KD gain as the scalar `kd/gain` in its own run, at the step of its last epoch, so the
+    HParams table shows it beside the finalist's parameters (`report.finalists` entries; only a complete gain:
+    every rerun and twin finished, so the value does not change once written). One events file per run under a
+    fixed name, replaced whole: a rebuilt report adds no second point. Returns the files written."""
+    from trainable.loop import write_scalars_file
+
+    written = []
+    for e in finalists:
+        run = find_run(folder, e["trial_id"])
+        if run is None or e["gain"] is None or e["pending"]:
+            continue
+        written.append(write_scalars_file(run, KD_GAIN_FILE, {KD_GAIN: e["gain"][0]}, step=int(e["row"]["epochs"])))
+    return written

@@ -268,15 +268,15 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
 def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
     """TensorBoard's HParams table for the sweep (`sweep tensorboard`), in the runs' folder (sweep/tb.py): the
     searched parameters as its columns (TensorBoard orders them by name), under the flat names the trials write
-    them with (student.hidden_dim -> hidden_dim), then the metrics that matter (validation, test, cost, size); the
-    whole config, whose other values every trial shares, as a text summary.
+    them with (student.hidden_dim -> hidden_dim), then the metrics that matter (validation, test, cost, size, and
+    with finalists their KD gain); the whole config, whose other values every trial shares, as a text summary.
     Without it TensorBoard lists every constant, by name, and shows the first five: base_lr, batch_size, betas,
     device before any searched one."""
     import yaml
 
     from trainable.loop import write_experiment
 
-    from .tb import HPARAMS_RUN, TB_DIR
+    from .tb import HPARAMS_RUN, KD_GAIN, TB_DIR
 
     task, raw = cfg.task_def, cfg.model_dump()
 
@@ -291,6 +291,8 @@ def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
     if task.test_key:
         metrics.append(task.test_key.replace("_", "/", 1))
     metrics += [f"cost/{m}" for m in ("latency_ms", "export_kb") if m in task.measures] + ["model/size_kb"]
+    if finalist_count(cfg):
+        metrics.append(KD_GAIN)  # the finalists' runs only (sweep/report.py writes it once their twins are done)
     text = (f"Searched: {', '.join(space.searched_keys())}. Every other value below is the same in every search "
             f"trial (a finalist's rerun changes train.seed"
             + "".join(f", its twin {k} to {v}" for k, v in task.twin.items()) + ").\n\n"
