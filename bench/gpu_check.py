@@ -225,18 +225,23 @@ def run_cli(argv: list[str], log_file, limit_s: float | None) -> tuple[int, floa
 # ----------------------------------------------------------------------------- reading a sweep's trials
 
 
-def _tb_times(tb_dir: Path) -> tuple[float | None, float | None]:
+def _tb_times(tb_dir: Path | None) -> tuple[float | None, float | None]:
     """(start, end) of a trial's training: the event file's first record (written when `fit` opens its writer)
-    and its last scalar (the last epoch's validation)."""
+    and its last scalar (the last epoch's validation); not the KD gain the report adds to a finalist's run."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    times = [e.wall_time for f in sorted(tb_dir.glob("events.*")) for e in EventFileLoader(str(f)).Load()]
+    from sweep.tb import KD_GAIN_FILE
+
+    files = sorted(f for f in tb_dir.glob("events.*") if not f.name.endswith(KD_GAIN_FILE)) if tb_dir else []
+    times = [e.wall_time for f in files for e in EventFileLoader(str(f)).Load()]
     return (min(times), max(times)) if times else (None, None)
 
 
 def read_trials(folder: Path) -> list[dict]:
     """Every trial of a sweep folder: the report's row (trials.parquet), Ray's result rows and the training span."""
     import pyarrow.parquet as pq
+
+    from sweep.tb import find_run
 
     table = folder / "trials.parquet"
     rows = pq.read_table(table).to_pylist() if table.is_file() else []
@@ -248,7 +253,7 @@ def read_trials(folder: Path) -> list[dict]:
             for line in (tdir / "result.json").read_text().splitlines():
                 with contextlib.suppress(ValueError):
                     results.append(json.loads(line))
-        start, end = _tb_times(tdir / "tb")
+        start, end = _tb_times(find_run(folder, row["trial_id"]))
         samples, prev = 0.0, 0.0
         for r in results:  # samples/s x the epoch's training seconds = the epoch's rows
             samples += r.get("samples_per_s", 0.0) * (r.get("train_time_s", prev) - prev)

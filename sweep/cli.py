@@ -203,9 +203,10 @@ def cmd_tensorboard(args) -> int:
     import subprocess
 
     from .report import find_sweep
+    from .tb import logdir
 
     folder = find_sweep(args.target)
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", args.host,
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir(folder)), "--host", args.host,
            "--port", str(args.port)]
     log(f"TensorBoard on http://{args.host}:{args.port} (Ctrl-C to stop)")
     return subprocess.call(cmd)

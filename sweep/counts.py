@@ -9,6 +9,11 @@ from typing import Any
 
 from .config import Config
 
+# The undotted trial-config keys of a finalist's extra trial (config_from_trial ignores them): its role, "rerun" or
+# "twin", and the finalist's trial id. Search trials carry neither. Set by the searcher (ray_search), read by the
+# report, the scheduler's replay and the TensorBoard run names (sweep/tb.py).
+ROLE, OF = "kd_role", "kd_of"
+
 
 def num_samples(cfg: Config, space) -> int:
     """Search trials: `sweep.num_samples`, else the whole grid (grid searcher) or 16."""

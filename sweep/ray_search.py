@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from ray.tune.experiment.config_parser import _create_trial_from_spec
 from ray.tune.search import SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.variant_generator import _resolve_nested_dict, format_vars
+from ray.tune.utils.util import flatten_dict, merge_dicts
 
 from trainable.tasks import has_twin
 
-from .counts import constraint_values, is_feasible, is_finished
+from .counts import OF, ROLE, constraint_values, is_feasible, is_finished
 from .samplers import RAY_TRIAL_ATTR
 
 
@@ -54,15 +58,47 @@ def _open_sweep_study(name: str, folder: str) -> SweepStudy:
     return SweepStudy((_resumed_folder or Path(folder)) / name)
 
 
+# A trial id is `<prefix>_<number>` (`3f2a1b_00004`): the number, 0, 1, ... in the order the trials are made, names
+# the trial's TensorBoard run (sweep/tb.py). The prefix is new in every driver process, so that a resumed sweep's
+# ids never repeat those of its earlier drivers.
+_ID_PREFIX = secrets.token_hex(3)
+
+
 class FolderSearchGenerator(SearchGenerator):
-    """Ray's SearchGenerator (it turns the searcher's suggestions into trials), except that when `sweep resume`
-    restores it, the saved experiment it makes new trials from is re-pointed at the folder being resumed. Ray
-    (checked on 2.60) re-points the trials it restores (TuneController._restore_trials) but not this experiment,
-    whose storage context names the old folder: a moved sweep's new trials were written where it used to be, and
-    a copy's into the original."""
+    """Ray's SearchGenerator (it turns the searcher's suggestions into trials), except that its trial ids are
+    numbered (`create_trial_if_possible`), and that when `sweep resume` restores it, the saved experiment it makes
+    new trials from is re-pointed at the folder being resumed. Ray (checked on 2.60) re-points the trials it
+    restores (TuneController._restore_trials) but not this experiment, whose storage context names the old
+    folder: a moved sweep's new trials were written where it used to be, and a copy's into the original."""
+
+    def create_trial_if_possible(self, experiment_spec: dict):
+        """Ray's own (2.60: ray/tune/search/search_generator.py), but the trial id ends in the next trial number
+        instead of being random. The number is kept with the search's state, so a resumed sweep goes on counting."""
+        number = getattr(self, "_next_number", self._counter)  # (a generator pickled before numbered ids)
+        trial_id = f"{_ID_PREFIX}_{number:05d}"
+        suggested = self.searcher.suggest(trial_id)
+        if suggested == Searcher.FINISHED:
+            self._finished = True
+            return None
+        if suggested is None:
+            return None  # the same id is offered again next time: no searcher keeps an id it made no trial for
+        spec = copy.deepcopy(experiment_spec)
+        spec["config"] = merge_dicts(spec["config"], copy.deepcopy(suggested))
+        self._counter += 1
+        self._next_number = number + 1
+        tag = f"{self._counter}_{format_vars(_resolve_nested_dict(spec['config']))}"
+        return _create_trial_from_spec(spec, self._parser, evaluated_params=flatten_dict(suggested),
+                                       experiment_tag=tag, trial_id=trial_id)
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "next_number": getattr(self, "_next_number", self._counter)}
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
+        # A trial started after the state was saved by a driver that then died is run again under a new id
+        # (sweep/report.py leaves the dead one out); its number is not given again, so the two keep two runs.
+        self._next_number = max([state.get("next_number", self._counter)]
+                                + [n + 1 for n in _numbers_in(_resumed_folder)])
         storage = getattr(self._experiment, "storage", None)  # also the experiment's spec["storage"]
         if _resumed_folder is not None and storage is not None:
             storage.storage_fs_path = str(_resumed_folder.parent)
@@ -80,6 +116,14 @@ class FolderSearchGenerator(SearchGenerator):
             from trainable.io import write_json
 
             write_json(Path(dirpath) / FINALISTS_FILE, decisions)
+
+
+def _numbers_in(folder: Path | None) -> list[int]:
+    """The numbers of the trials whose folders (`trial_<id>`) are in the sweep `folder`."""
+    from .tb import trial_number
+
+    found = (trial_number(d.name.removeprefix("trial_")) for d in folder.glob("trial_*")) if folder else ()
+    return [n for n in found if n is not None]
 
 
 def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:
@@ -184,7 +228,6 @@ class KDOptunaSearch(OptunaSearch):
 
 # ----------------------------------------------------------------------------- finalists and their twins
 
-ROLE, OF = "kd_role", "kd_of"  # undotted trial-config keys (config_from_trial ignores them): rerun/twin, finalist
 # FinalistSearch's decisions, in the sweep folder: the finalists (best first) and the reruns/twins of each; the
 # expected-trial count and the report read it instead of choosing the finalists again.
 FINALISTS_FILE = "finalists.json"

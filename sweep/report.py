@@ -3,7 +3,8 @@ and PNG plots (validation curves, accuracy vs parameter count with the Pareto fr
 
 Reads only files in the sweep folder: the trials through sweep/results.py (Ray's per-trial `params.json` /
 `result.json`, filled from the checkpoints, and its experiment state for trial status), their `error.txt`, plus
-our `config.yaml` and the Optuna study.
+our `config.yaml` and the Optuna study. Besides its own files, it writes each finalist's KD gain into the finalist's
+TensorBoard run (sweep/tb.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from trainable.tasks import fmt_number
 from .config import SECOND_OBJECTIVE, ConfigError, Config, metric_of, validate
 from .counts import constraint_values, is_feasible, is_finished
 from .results import ray_statuses, read_trials
+from .tb import write_kd_gains
 
 # The serving cost a trial measured (trainable/cost.py): ms per review at batch 1 and per batch of 64, fp32 and int8,
 # and the exported files' KiB.
@@ -486,6 +488,7 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
                      f"(Ray trial id or Optuna trial number)"
                      + (f"; the front ({len(front)} trials): `sweep export {folder} --pareto DIR`" if front else ""))
     fin = finalists(rows, cfg, folder)
+    write_kd_gains(folder, fin)  # each finalist's `kd/gain` in its TensorBoard run, for the HParams table
     if fin:
         def acc_cell(accs):
             if not accs:

@@ -160,15 +160,22 @@ def make_scheduler(cfg: Config, folder: Path):
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _trainable(cfg: Config, prep, resources: dict):
+def _trainable(cfg: Config, prep, resources: dict, space, folder: Path):
+    import functools
+
     from ray import tune
 
     from trainable.adapter import task_trainable
 
+    from .tb import legacy_layout, run_path
+
     base = cfg.model_dump(exclude={"sweep"})
     metric, mode = metric_of(cfg)  # the trial keeps the weights of its best epoch by the sweep's own metric
+    # Each trial's TensorBoard run, named for what it is (sweep/tb.py); a sweep resumed from before named runs
+    # goes on writing where its trials began.
+    tb_run = None if legacy_layout(folder) else functools.partial(run_path, searched=tuple(space.searched_keys()))
     fn = tune.with_parameters(task_trainable, base=base, inputs=cfg.task_def.trial_inputs(prep),
-                              keep_checkpoints=cfg.sweep.keep_checkpoints, metric=metric, mode=mode)
+                              keep_checkpoints=cfg.sweep.keep_checkpoints, metric=metric, mode=mode, tb_run=tb_run)
     return tune.with_resources(fn, resources)
 
 
@@ -247,7 +254,7 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
             + (f"; then up to {extra} finalist trials (the {cfg.sweep.twins} best: {cfg.sweep.finalist_seeds - 1} "
                f"rerun(s) and {cfg.sweep.finalist_seeds} no-teacher twin(s) each)" if extra else ""))
         tuner = tune.Tuner(
-            _trainable(cfg, prep, resources),
+            _trainable(cfg, prep, resources, space, folder),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(cfg, space, folder / STUDY_FILE, cfg.train.epochs),
                 scheduler=make_scheduler(cfg, folder), num_samples=total + extra,
@@ -258,18 +265,18 @@ def run_sweep(config_path: str, overrides: list[str], force: bool = False, resum
     return _fit_and_report(tuner, folder, cfg, total, log)
 
 
-HPARAMS_RUN = "hparams"  # the sweep folder's TensorBoard run that holds the HParams table's columns
-
-
 def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
-    """TensorBoard's HParams table for the sweep (`sweep tensorboard`): the searched parameters as its columns
-    (TensorBoard orders them by name), under the flat names the trials write them with (student.hidden_dim ->
-    hidden_dim), then the metrics that matter (validation, test, cost, size); the whole config, whose other values
-    every trial shares, as a text summary. Without it TensorBoard lists every constant, by name, and shows the
-    first five: base_lr, batch_size, betas, device before any searched one."""
+    """TensorBoard's HParams table for the sweep (`sweep tensorboard`), in the runs' folder (sweep/tb.py): the
+    searched parameters as its columns (TensorBoard orders them by name), under the flat names the trials write
+    them with (student.hidden_dim -> hidden_dim), then the metrics that matter (validation, test, cost, size, and
+    with finalists their KD gain); the whole config, whose other values every trial shares, as a text summary.
+    Without it TensorBoard lists every constant, by name, and shows the first five: base_lr, batch_size, betas,
+    device before any searched one."""
     import yaml
 
     from trainable.loop import write_experiment
+
+    from .tb import HPARAMS_RUN, KD_GAIN, TB_DIR
 
     task, raw = cfg.task_def, cfg.model_dump()
 
@@ -284,11 +291,13 @@ def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
     if task.test_key:
         metrics.append(task.test_key.replace("_", "/", 1))
     metrics += [f"cost/{m}" for m in ("latency_ms", "export_kb") if m in task.measures] + ["model/size_kb"]
+    if finalist_count(cfg):
+        metrics.append(KD_GAIN)  # the finalists' runs only (sweep/report.py writes it once their twins are done)
     text = (f"Searched: {', '.join(space.searched_keys())}. Every other value below is the same in every search "
             f"trial (a finalist's rerun changes train.seed"
             + "".join(f", its twin {k} to {v}" for k, v in task.twin.items()) + ").\n\n"
             + "\n".join(f"    {ln}" for ln in yaml.safe_dump(raw, sort_keys=False).splitlines()))
-    write_experiment(folder / HPARAMS_RUN, hparams, metrics, text)
+    write_experiment(folder / TB_DIR / HPARAMS_RUN, hparams, metrics, text)
 
 
 def _expected_trials(cfg: Config, num_search: int, results, folder: Path | None = None) -> int:
@@ -431,7 +440,7 @@ def _resume(folder: Path, cfg: Config, address: str | None, log: Log) -> int:
     check_shared_storage(folder, log)
     prep = _prepare_for_sweep(cfg, space, log)
     log(f"resuming sweep {cfg.name} from {folder}")
-    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(cfg, prep, resources),
+    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(cfg, prep, resources, space, folder),
                                storage_filesystem=atomic_local_filesystem(), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     return _fit_and_report(tuner, folder, cfg, num_samples(cfg, space), log)

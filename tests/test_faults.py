@@ -66,7 +66,11 @@ def test_failing_trials_are_recorded_and_the_sweep_completes(nsmc_dir, cache_dir
     assert (nan_dir / ".not_retryable").is_file()
     failures = (nan_dir / "error.txt").read_text()
     assert failures.count("Failure # ") == 2 and failures.count("loss is nan") == 2, failures[-3000:]
-    assert len(list((nan_dir / "tb").glob("events.out.tfevents.*"))) == 1  # the first attempt's only
+    from sweep.tb import find_run
+
+    nan_run = find_run(folder, by_case["nan_loss"]["trial_id"])  # the bundle's keys, in the space's order (by key)
+    assert nan_run.name.endswith(" alpha=0.5 temperature=1e-40"), nan_run
+    assert len(list(nan_run.glob("events.out.tfevents.*"))) == 1  # the first attempt's only
     assert len([ln for ln in (nan_dir / "result.json").read_text().splitlines() if ln.strip()]) == 0
     with sqlite3.connect(folder / "optuna.db") as db:
         states = sorted(s for (s,) in db.execute("select state from trials"))
@@ -177,8 +181,11 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
     # Resumed after the epochs it had checkpointed when killed, every epoch trained once: its TensorBoard event
     # files (one per process that trained it) hold each epoch's step once, where a restart from scratch would hold
     # epochs 1..k twice. (Ray's copy of result.json can miss the row of an epoch reported just before the kill.)
-    steps = _tb_steps(folder / f"trial_{victim['trial']}" / "tb", "val/acc")
-    assert len(list((folder / f"trial_{victim['trial']}" / "tb").glob("events.*"))) == 2  # killed, then retried
+    from sweep.tb import find_run
+
+    run = find_run(folder, victim["trial"])  # the retry wrote into the run the first attempt began
+    steps = _tb_steps(run, "val/acc")
+    assert len(list(run.glob("events.*"))) == 2  # killed, then retried
     # A checkpoint counts for Ray once its report reaches the driver: the newest one, written just before the kill,
     # may still be in flight, and the retry then starts from the one before it (its epoch is trained twice). A
     # restart from scratch would repeat epoch 1, which the victim (killed after >= 2 checkpoints) never does.

@@ -156,10 +156,15 @@ def test_sweep_on_two_nodes_survives_losing_the_worker(cluster, nsmc_dir, cache_
     report = (folder / "report.md").read_text()
     assert f"- nodes: {cluster.head_ip} (" in report and f"{cluster.worker_ip} (" in report
 
-    # What trials wrote from the worker reached the shared folder: TensorBoard events from both hosts.
-    assert len(list((folder / trial / "tb").glob("events.out.tfevents.*"))) == 2
+    # What trials wrote from the worker reached the shared folder: TensorBoard events from both hosts, in the one
+    # run of the trial (tb/<number> hidden_dim=..., beside Ray's trial folders in the shared sweep folder).
+    from sweep.tb import find_run
+
+    assert len(list(find_run(folder, trial.removeprefix("trial_")).glob("events.out.tfevents.*"))) == 2
     for r in rows.values():
-        assert list((folder / r["trial_dir"] / "tb").glob("events.out.tfevents.*")), r["trial_dir"]
+        run = find_run(folder, r["trial_id"])
+        assert run.parent == folder / "tb" and run.name.endswith(f" hidden_dim={r['hp.student.hidden_dim']}"), run
+        assert list(run.glob("events.out.tfevents.*")), r["trial_dir"]
 
     with sqlite3.connect(folder / "optuna.db") as db:
         states = [s for (s,) in db.execute("select state from trials")]

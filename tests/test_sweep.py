@@ -107,12 +107,30 @@ def test_report_table_and_plots(sweep):
     assert r.returncode == 0 and "| Rank |" in r.stdout
 
 
+def _run_name(row: dict) -> str:
+    """A search trial's TensorBoard run, as a user reads it: its number (the end of its trial id), then the
+    searched parameters in the space's order by their last name, floats to 3 significant digits. (The space's
+    order is by key here: write_sweep_config's YAML has its keys sorted.)"""
+    parts = [f"{int(row['trial_id'].rsplit('_', 1)[1]):03d}"]
+    for key in sorted(SPACE["parameters"]):
+        v = row.get(f"hp.{key}")
+        if v is not None:
+            parts.append(f"{key.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{key.split('.')[-1]}={v}")
+    return " ".join(parts)
+
+
 def test_every_trial_has_readable_tensorboard_curves(sweep):
+    """`sweep tensorboard` serves the sweep's tb/: one run per trial, named by its number and searched parameters
+    (numbered 000, 001, ... in the order the sweep made them), and the HParams experiment's run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rows = {r["trial_dir"]: r for r in pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()}
+    names = {_run_name(r) for r in rows.values()}
+    assert {p.name for p in (sweep["folder"] / "tb").iterdir()} == names | {"hparams"}
+    assert sorted(int(n.split()[0]) for n in names) == list(range(8))
+    assert not any((sweep["folder"] / d / "tb").exists() for d in rows)  # Ray's trial folders hold no events
     for trial_dir, row in rows.items():
-        acc = EventAccumulator(str(sweep["folder"] / trial_dir / "tb"))
+        acc = EventAccumulator(str(sweep["folder"] / "tb" / _run_name(row)))
         acc.Reload()
         curve = [e.value for e in acc.Scalars("val/acc")]
         assert len(curve) == row["epochs"]
@@ -127,9 +145,7 @@ def test_tensorboards_hparams_table_leads_with_the_searched_parameters(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    from sweep.tuner import HPARAMS_RUN
-
-    acc = EventAccumulator(str(sweep["folder"] / HPARAMS_RUN))
+    acc = EventAccumulator(str(sweep["folder"] / "tb" / "hparams"))
     acc.Reload()
     experiment = metadata.parse_experiment_plugin_data(
         acc.summary_metadata[metadata.EXPERIMENT_TAG].plugin_data.content)
@@ -139,14 +155,65 @@ def test_tensorboards_hparams_table_leads_with_the_searched_parameters(sweep):
     tags = [m.name.tag for m in experiment.metric_infos]
     assert tags == ["val/acc", "val/loss", "test/acc", "cost/latency_ms", "cost/export_kb", "model/size_kb"]
     assert "config/text_summary" in acc.Tags()["tensors"]  # the constants, as text
-    for trial_dir in (r["trial_dir"] for r in pq.read_table(sweep["folder"] / "trials.parquet").to_pylist()):
-        t = EventAccumulator(str(sweep["folder"] / trial_dir / "tb"))
+    for row in pq.read_table(sweep["folder"] / "trials.parquet").to_pylist():
+        trial_dir = _run_name(row)
+        t = EventAccumulator(str(sweep["folder"] / "tb" / trial_dir))
         t.Reload()
         assert metadata.EXPERIMENT_TAG not in t.summary_metadata, trial_dir  # it would compete for the columns
         session = metadata.parse_session_start_info_plugin_data(
             t.summary_metadata[metadata.SESSION_START_INFO_TAG].plugin_data.content)
         assert {h.name for h in experiment.hparam_infos} <= set(session.hparams), trial_dir
         assert set(tags) <= set(t.Tags()["scalars"]), (trial_dir, t.Tags()["scalars"])
+
+
+def test_tensorboard_run_names_and_trial_numbers_without_a_sweep(tmp_path):
+    """Run names of a search trial, a finalist's rerun and its twin; trial ids numbered in the order the trials are
+    made, the numbering going on after a resume and past any trial folder a dead driver left (its number is not
+    given again: two trials never share a run); a sweep from before named runs served and resumed as it was."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import Searcher
+
+    from sweep.ray_search import FolderSearchGenerator, resuming
+    from sweep.tb import legacy_layout, logdir, run_name
+
+    keys = list(SPACE["parameters"])
+    cfg = {"student.hidden_dim": 64, "student.embedding_dim": 32, "train.alpha": 0.5, "train.temperature": 4.0,
+           "train.lr": 0.0012345, "data.mirrors": ["x"]}  # (a fixed value of the space is no searched parameter)
+    assert run_name("3f2a1b_00004", cfg, keys) == "004 hidden_dim=64 embedding_dim=32 alpha=0.5 temperature=4 lr=0.00123"
+    rerun = {**cfg, "train.seed": 1, "kd_role": "rerun", "kd_of": "3f2a1b_00004"}
+    assert run_name("3f2a1b_00011", rerun, keys) == "011 rerun of 004 seed=1"
+    twin = {**cfg, "train.alpha": 1.0, "train.seed": 0, "kd_role": "twin", "kd_of": "3f2a1b_00004"}
+    assert run_name("3f2a1b_00012", twin, keys) == "012 twin of 004 seed=0 (no teacher)"
+    assert run_name("3f2a1b_01234", {"train.alpha": 1.0, "student.hidden_dim": "a/b"}, keys) == "1234 hidden_dim=a_b alpha=1"
+
+    class Counting(Searcher):
+        def __init__(self):
+            super().__init__(metric="val_acc", mode="max")
+            self.n = 0
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return None if self.n == 2 else {"student.hidden_dim": 8 * self.n}  # one call makes no trial
+
+    gen = FolderSearchGenerator(Counting())
+    gen.set_search_properties("val_acc", "max", {})
+    gen.add_configurations([Experiment("s", lambda config: None, num_samples=10, storage_path=str(tmp_path))])
+    ids = [t.trial_id for t in (gen.next_trial() for _ in range(4)) if t is not None]
+    assert [i.rsplit("_", 1)[1] for i in ids] == ["00000", "00001", "00002"] and len({i.split("_")[0] for i in ids}) == 1
+    folder = tmp_path / "s"
+    (folder / f"trial_{ids[0].split('_')[0]}_00004").mkdir(parents=True)  # started by a driver that then died
+    resumed = FolderSearchGenerator(Counting())
+    with resuming(folder):
+        resumed.set_state(gen.get_state())
+    resumed.searcher.n = 2
+    assert resumed.next_trial().trial_id.endswith("_00005")
+
+    old = tmp_path / "old"
+    (old / "trial_503358ba" / "tb").mkdir(parents=True)
+    assert legacy_layout(old) and logdir(old) == old
+    new = tmp_path / "new"
+    (new / "tb" / "hparams").mkdir(parents=True)
+    assert not legacy_layout(new) and logdir(new) == new / "tb"
 
 
 def test_optuna_study_holds_every_trial_with_pruned_ones(sweep):
@@ -384,3 +451,8 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
         states = [s for (s,) in db.execute("select state from trials")]
     assert "RUNNING" not in states
     assert all(r["status"] in ("finished", "stopped_early") for r in rows)
+    # TensorBoard: one run per trial across both drivers (a continued trial kept its run), none sharing a number.
+    # (A trial the dead driver started after Ray's last saved state keeps its run too: Ray runs it again under a
+    # new id, with the next number, and the report leaves the dead one out.)
+    runs = {p.name for p in (folder / "tb").iterdir()} - {"hparams"}
+    assert {_run_name(r) for r in rows} <= runs and len({name.split()[0] for name in runs}) == len(runs), runs

@@ -308,11 +308,15 @@ def test_dashboard_refuses_a_sweep_without_a_study_or_the_package(tools_sweep, t
 
 
 def test_tensorboard_lists_the_trial_runs(tools_sweep):
-    trial_dirs = {r["trial_dir"] for r in pq.read_table(tools_sweep["folder"] / "trials.parquet").to_pylist()}
-    assert len(trial_dirs) == 2
+    """`sweep tensorboard` serves the sweep's tb/: one run per trial, named by its number and its searched
+    parameters, and the run of the HParams experiment."""
+    rows = pq.read_table(tools_sweep["folder"] / "trials.parquet").to_pylist()
+    names = {f"{int(r['trial_id'].rsplit('_', 1)[1]):03d} hidden_dim={r['hp.student.hidden_dim']} "
+             f"lr={r['hp.train.lr']:.3g}" for r in rows}
+    assert len(names) == 2
     with _serving(["tensorboard", str(tools_sweep["folder"])]) as get:
-        runs = get("/data/runs", lambda js: len({r.split("/")[0] for r in js} & trial_dirs) == 2)
-    assert {r.split("/")[0] for r in runs} >= trial_dirs
+        runs = get("/data/runs", lambda js: set(js) >= names)
+    assert set(runs) == names | {"hparams"}
 
 
 def test_classification_metrics_by_hand():

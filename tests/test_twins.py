@@ -267,6 +267,42 @@ def _gain_cells(report: str) -> dict[str, str]:
     return {fid: row["KD gain"] for fid, row in _finalist_table(report).items()}
 
 
+def _check_tensorboard(folder: Path, rows: list[dict]) -> None:
+    """What `sweep tensorboard` shows of the finalists: every run named for what it is (number and searched
+    parameters; a rerun or twin: of which finalist, which seed), each finalist's run holding its KD gain (a
+    fraction of accuracy, once, at its last epoch) as TensorBoard reads it, no other run one, and the HParams
+    table listing `kd/gain` among its metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    def number(trial_id: str) -> str:
+        return f"{int(trial_id.rsplit('_', 1)[1]):03d}"
+
+    names = {r["trial_id"]: (f"{number(r['trial_id'])} hidden_dim={r['hp.student.hidden_dim']} "
+                             f"alpha={r['hp.train.alpha']:.3g}" if r["kd_role"] == "search" else
+                             f"{number(r['trial_id'])} {r['kd_role']} of {number(r['kd_of'])} "
+                             f"seed={r['hp.train.seed']}" + (" (no teacher)" if r["kd_role"] == "twin" else ""))
+             for r in rows}
+    assert {p.name for p in (folder / "tb").iterdir()} == set(names.values()) | {"hparams"}
+    hp = EventAccumulator(str(folder / "tb" / "hparams"))
+    hp.Reload()
+    experiment = metadata.parse_experiment_plugin_data(hp.summary_metadata[metadata.EXPERIMENT_TAG].plugin_data.content)
+    assert "kd/gain" in [m.name.tag for m in experiment.metric_infos]
+    finalists = {r["kd_of"] for r in rows if r["kd_of"]}
+    for r in rows:
+        acc = EventAccumulator(str(folder / "tb" / names[r["trial_id"]]))
+        acc.Reload()
+        if r["trial_id"] not in finalists:
+            assert "kd/gain" not in acc.Tags()["scalars"], names[r["trial_id"]]
+            continue
+        runs = [x["test_acc"] for x in rows if x["trial_id"] == r["trial_id"]
+                or (x["kd_of"] == r["trial_id"] and x["kd_role"] == "rerun")]
+        twins = [x["test_acc"] for x in rows if x["kd_of"] == r["trial_id"] and x["kd_role"] == "twin"]
+        points = acc.Scalars("kd/gain")
+        assert [p.step for p in points] == [r["epochs"]], points
+        assert points[0].value == pytest.approx(sum(runs) / len(runs) - sum(twins) / len(twins), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir, cache_dir, tmp_path):
     cfg = _config(tmp_path, nsmc_dir, cache_dir, "twins")
@@ -292,6 +328,10 @@ def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir
         assert len(runs) == len(twins) == 2
         gain = 100 * (sum(runs) / 2 - sum(twins) / 2)
         assert cells[fid].startswith(f"{gain:+.2f} pt ±"), (cells[fid], gain)
+    _check_tensorboard(folder, rows)
+    again = run_cli("report", str(folder))  # builds the report again: the KD gain is not written twice
+    assert again.returncode == 0, again.stderr[-3000:]
+    _check_tensorboard(folder, rows)
     best = next(ln for ln in report.splitlines() if ln.startswith("- best:"))
     assert not any(r["trial_id"] in best for r in rows if r["kd_role"] != "search")  # a twin is never the best
     # The search trials alone went to Optuna.

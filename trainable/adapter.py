@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import ray
 
@@ -99,11 +100,14 @@ def _shared_trial_dir() -> Path:
 
 
 def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: int = 2, metric: str | None = None,
-                   mode: str | None = None) -> None:
+                   mode: str | None = None, tb_run: Callable[[str, dict], str] | None = None) -> None:
     """One trial of the base config's task. `inputs` are the task's `trial_inputs` (for classify: the encodings by
     vocab size and the teacher logits), shipped once through the object store. `metric`/`mode`: the sweep's
-    (`sweep.metric`), which picks the weights the trial keeps as best (None: the task's first metric)."""
+    (`sweep.metric`), which picks the weights the trial keeps as best (None: the task's first metric).
+    `tb_run(trial_id, trial)`: the trial's TensorBoard run folder, relative to the sweep folder (the trial folder's
+    parent, in the same shared storage); None: the trial folder's own tb/ (a sweep from before named runs)."""
     trial_dir = _shared_trial_dir()
+    tb_dir = trial_dir.parent / tb_run(tune.get_context().get_trial_id(), trial) if tb_run else trial_dir / "tb"
     marker = trial_dir / NOT_RETRYABLE
     if marker.is_file():
         raise NonFiniteLossError(marker.read_text().strip())  # a retry cannot help: fail at once, same reason
@@ -126,7 +130,7 @@ def task_trainable(trial: dict, *, base: dict, inputs: dict, keep_checkpoints: i
 
     try:
         resume_from = _restore_point(trial_dir)
-        train_task(cfg.task_def, cfg, inputs, metric=metric, mode=mode, run_dir=work, tb_dir=trial_dir / "tb",
+        train_task(cfg.task_def, cfg, inputs, metric=metric, mode=mode, run_dir=work, tb_dir=tb_dir,
                    resume_from=resume_from, on_epoch=report, keep_checkpoints=keep_checkpoints, log=lambda msg: None,
                    warn=lambda msg: _warn(trial_dir, msg.removeprefix("warning: ")))
     except NonFiniteLossError as e:

@@ -250,6 +250,26 @@ def write_experiment(tb_dir: Path, hparams: dict, metric_tags: list[str], text: 
         writer.close()
 
 
+def write_scalars_file(run_dir: Path, suffix: str, scalars: dict[str, float], step: int) -> Path:
+    """Scalars added to a run after its training (a finalist's KD gain), in one events file of the run folder
+    named `events.out.tfevents.<suffix>` and replaced whole each time: writing it again adds no second point.
+    (TensorBoard reads every events file of a run folder, by name: a suffix that starts with a letter sorts after
+    the writers' timestamped files.)"""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    from torch.utils.tensorboard.summary import scalar
+
+    path = Path(run_dir) / f"events.out.tfevents.{suffix}"
+    now = time.time()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            records = RecordWriter(f)
+            records.write(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
+            for tag, value in scalars.items():
+                records.write(Event(wall_time=now, step=step, summary=scalar(tag, value)).SerializeToString())
+    return path
+
+
 # ----------------------------------------------------------------------------- the loop, for every task
 
 
