@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from trainable.errors import DataError, TeacherError
 
 USAGE_ERROR = 2
 
@@ -33,9 +38,6 @@ def log(msg: str) -> None:
 
 
 def _quiet_libraries() -> None:
-    import os
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Hugging Face's progress bars and warnings off, by the variables transformers reads when first imported (and
     # that Ray's workers inherit); importing it here to say so cost 1.5 s before every command, refusals included.
@@ -200,8 +202,6 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_tensorboard(args) -> int:
-    import subprocess
-
     from .report import find_sweep
     from .tb import logdir
 
@@ -340,7 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from search_spaces import SpaceError
-    from trainable.errors import DataError, TeacherError  # (not from data/teacher: they load pyarrow and torch)
 
     from .config import ConfigError
     from .runs import StorageError

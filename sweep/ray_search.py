@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import copy
 import math
+import pickletools
 import secrets
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 from ray.tune.experiment.config_parser import _create_trial_from_spec
-from ray.tune.search import SearchGenerator, Searcher
+from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.variant_generator import _resolve_nested_dict, format_vars
 from ray.tune.utils.util import flatten_dict, merge_dicts
@@ -21,6 +23,7 @@ from trainable.tasks import has_twin
 
 from .counts import OF, ROLE, constraint_values, is_feasible, is_finished
 from .samplers import RAY_TRIAL_ATTR
+from .tb import trial_number
 
 
 # ----------------------------------------------------------------------------- a sweep folder that moves
@@ -120,8 +123,6 @@ class FolderSearchGenerator(SearchGenerator):
 
 def _numbers_in(folder: Path | None) -> list[int]:
     """The numbers of the trials whose folders (`trial_<id>`) are in the sweep `folder`."""
-    from .tb import trial_number
-
     found = (trial_number(d.name.removeprefix("trial_")) for d in folder.glob("trial_*")) if folder else ()
     return [n for n in found if n is not None]
 
@@ -130,8 +131,6 @@ def foreign_studies(pickle_bytes: bytes, own: Path) -> list[str]:
     """The SQLite studies other than `own` that a pickle names by URL (read with pickletools: nothing is
     unpickled, nothing runs). A sweep saved before `SweepStudy` pickled its study by absolute URL; moved or
     copied, its state would open the original's study (or fail where it is gone)."""
-    import pickletools
-
     own_url = f"sqlite:///{Path(own).resolve()}"
     found = []
     try:
@@ -167,8 +166,6 @@ class KDOptunaSearch(OptunaSearch):
         super()._setup_study(mode)
         # Named objectives (optuna-dashboard shows "val_acc", not "Objective 0"); a resumed study keeps its names.
         if self._ot_study.metric_names is None:
-            import warnings
-
             with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and unchanged since
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._ot_study.set_metric_names([self._metric] if isinstance(self._metric, str)

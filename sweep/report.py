@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainable.config import yaml_load
 from trainable.io import atomic_path, write_text
-from trainable.tasks import fmt_number
+from trainable.memory import fmt_bytes
+from trainable.tasks import DEFAULT_TASK, fmt_number, is_builtin
 
-from .config import SECOND_OBJECTIVE, ConfigError, Config, metric_of, validate
+from .config import SECOND_OBJECTIVE, Config, ConfigError, load_space_for, metric_of, validate
 from .counts import constraint_values, is_feasible, is_finished
 from .results import ray_statuses, read_trials
 from .tb import write_kd_gains
@@ -42,9 +45,6 @@ def load_sweep_config(folder: Path, allow_task_code: bool = False) -> Config:
     """The sweep's stamped config. A task other than a built-in one is a module of code that the folder names:
     it is loaded only with `allow_task_code` (the user's `--allow-task-code`), so opening a folder we did not
     write runs nothing of its choosing."""
-    from trainable.config import yaml_load
-    from trainable.tasks import DEFAULT_TASK, is_builtin
-
     path = folder / "config.yaml"
     raw = yaml_load(path.read_text(encoding="utf-8"))
     task = raw.get("task", DEFAULT_TASK) if isinstance(raw, dict) else DEFAULT_TASK
@@ -145,8 +145,6 @@ def collect_trials(folder: Path, cfg: Config, log: Callable[[str], None] | None 
 def optuna_numbers(folder: Path) -> dict[str, int]:
     """Ray trial id -> Optuna trial number, from the study's user attrs (the searcher sets them; a sweep run before
     that has none). Read with sqlite, not by loading the study, so it works without the study's name."""
-    import sqlite3
-
     from .samplers import RAY_TRIAL_ATTR
 
     db = folder / "optuna.db"
@@ -442,8 +440,6 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
     sizing = folder / "gpu_sizing.json"  # written by sweep.resources.gpu: auto
     if sizing.is_file():
         g = json.loads(sizing.read_text())
-        from trainable.memory import fmt_bytes
-
         lines.append(f"- GPU sizing (gpu: auto): largest trial ~{fmt_bytes(g['estimate_bytes'])} (an estimate); "
                      + (f"{g['trials_per_gpu']} per {fmt_bytes(g['gpu_bytes'])} GPU, {g['gpu_per_trial']:g} GPU "
                         f"per trial" if g.get("gpu_bytes") else "no GPU in the cluster, trials ran on CPU"))
@@ -469,8 +465,6 @@ def build_report(folder: Path, log: Callable[[str], None] = print, allow_task_co
                      + (f", {test_key} {_fmt(best.get(test_key))}" if test_key else ""))
         edge = []
         try:
-            from .config import load_space_for
-
             space = load_space_for(cfg)
             if space is not None:
                 edge = space.on_edge({k[3:]: v for k, v in best.items() if k.startswith("hp.")})

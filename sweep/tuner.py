@@ -6,14 +6,27 @@ Local by default: Ray starts in-process on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
+from trainable.config import yaml_load
+from trainable.io import atomic_local_filesystem
+from trainable.tasks import DEFAULT_TASK
+
 from .config import SECOND_OBJECTIVE, Config, ConfigError, check_writable, load_config, load_space_for, metric_of
-from .counts import finalist_count, num_samples, twin_base
-from .runs import Claim, StorageError, stamp
+from .counts import finalist_count, is_feasible, num_samples, twin_base
+from .report import build_report, find_sweep, load_sweep_config
+from .resources import auto_gpu
+from .runs import Claim, StorageError, in_launch_dir, stamp
+from .tb import HPARAMS_RUN, KD_GAIN, TB_DIR, legacy_layout, run_path
 
 Log = Callable[[str], None]
 STUDY_FILE = "optuna.db"
@@ -55,8 +68,6 @@ def check_resources(cfg: Config, log: Log, folder: Path | None = None) -> dict:
     max_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
     gpu = res.gpu
     if gpu == "auto":
-        from .resources import auto_gpu
-
         gpu = auto_gpu(cfg, load_space_for(cfg), log, folder, cluster_has_gpu=max_gpu > 0)
     if gpu > 0 and max_gpu == 0:
         if not res.gpu_fallback:
@@ -75,8 +86,6 @@ def check_resources(cfg: Config, log: Log, folder: Path | None = None) -> dict:
 def check_shared_storage(folder: Path, log: Log) -> None:
     """On a cluster, every node must see the sweep folder: trials write their checkpoints and TensorBoard events
     there, and a retry on another node reads them back. Checked on every live node before any trial starts."""
-    import secrets
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -161,13 +170,9 @@ def make_scheduler(cfg: Config, folder: Path):
 
 
 def _trainable(cfg: Config, prep, resources: dict, space, folder: Path):
-    import functools
-
     from ray import tune
 
     from trainable.adapter import task_trainable
-
-    from .tb import legacy_layout, run_path
 
     base = cfg.model_dump(exclude={"sweep"})
     metric, mode = metric_of(cfg)  # the trial keeps the weights of its best epoch by the sweep's own metric
@@ -182,8 +187,6 @@ def _trainable(cfg: Config, prep, resources: dict, space, folder: Path):
 def _run_config(cfg: Config, folder: Path, total: int, log: Log):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from trainable.io import atomic_local_filesystem
 
     from .ray_callbacks import Progress, StorageGuard
 
@@ -272,11 +275,7 @@ def write_hparams_experiment(folder: Path, cfg: Config, space) -> None:
     with finalists their KD gain); the whole config, whose other values every trial shares, as a text summary.
     Without it TensorBoard lists every constant, by name, and shows the first five: base_lr, batch_size, betas,
     device before any searched one."""
-    import yaml
-
     from trainable.loop import write_experiment
-
-    from .tb import HPARAMS_RUN, KD_GAIN, TB_DIR
 
     task, raw = cfg.task_def, cfg.model_dump()
 
@@ -307,9 +306,7 @@ def _expected_trials(cfg: Config, num_search: int, results, folder: Path | None 
     same way."""
     if finalist_count(cfg) == 0:
         return num_search
-    import json
 
-    from .counts import is_feasible
     from .ray_search import FINALISTS_FILE, ROLE, finalist_trials
 
     decisions = folder / FINALISTS_FILE if folder is not None else None
@@ -331,7 +328,6 @@ def _expected_trials(cfg: Config, num_search: int, results, folder: Path | None 
 
 def _fit_and_report(tuner, folder: Path, cfg: Config, num_search: int, log: Log) -> int:
     from .ray_callbacks import storage_problem
-    from .report import build_report
 
     t0 = time.time()
     try:
@@ -367,8 +363,6 @@ def _probe_storage(folder: Path) -> str | None:
     """The storage failure (a full disk, a read-only mount) that a small write into `folder` meets now, in
     `storage_problem`'s words, if any. For errors whose text does not say it: SQLite, for one, can report a
     results folder turned read-only under an open study as "unable to open database file" or "disk I/O error"."""
-    import tempfile
-
     from .ray_callbacks import storage_problem
 
     try:
@@ -392,9 +386,6 @@ def _chain_text(e: BaseException) -> str:
 
 def _stamped_task(folder: Path):
     """The `task` of a sweep folder's config.yaml, as written (None when unreadable)."""
-    from trainable.config import yaml_load
-    from trainable.tasks import DEFAULT_TASK
-
     try:
         raw = yaml_load((folder / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -409,8 +400,6 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print, allo
     its config.yaml names (sweep.report.load_sweep_config). `tuner.pkl` and Ray's saved state are pickles,
     unpickled here: resume only sweeps you trust."""
     from .ray_search import foreign_studies, resuming
-    from .report import find_sweep, load_sweep_config
-    from .runs import in_launch_dir
 
     folder = find_sweep(target)
     if not (folder / "tuner.pkl").exists():
@@ -430,8 +419,6 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print, allo
 
 def _resume(folder: Path, cfg: Config, address: str | None, log: Log) -> int:
     from ray import tune
-
-    from trainable.io import atomic_local_filesystem
 
     space = load_space_for(cfg)
     _quiet_ray_env()

@@ -158,8 +158,7 @@ HEAVY = {"ray", "optuna", "optuna_dashboard", "torch", "torch.utils.tensorboard"
          "safetensors", "sklearn", "scipy", "matplotlib", "tensorboard", "numpy", "pyarrow", "pyarrow.compute",
          "pandas", "onnx", "onnxruntime", "kiwipiepy", "pydantic", "yaml", "huggingface_hub"}
 # The modules whose function-local imports are held to the rule below (issue 20 item 3).
-LOCAL_IMPORT_SCOPE = ("trainable", "search_spaces", "sweep.k8s", "sweep.tools", "sweep.config", "sweep.export",
-                      "sweep.runs", "sweep.plan", "sweep.resources", "sweep.samplers", "sweep.counts")
+LOCAL_IMPORT_SCOPE = ("trainable", "search_spaces", "sweep")
 
 
 def _heavy(name: str) -> str | None:
