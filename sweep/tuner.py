@@ -18,7 +18,7 @@ from typing import Callable
 import yaml
 
 from trainable.config import yaml_load
-from trainable.io import atomic_local_filesystem
+from trainable.io import atomic_local_filesystem, remove_dead_temps_below
 from trainable.tasks import DEFAULT_TASK
 
 from .config import SECOND_OBJECTIVE, Config, ConfigError, check_writable, load_config, load_space_for, metric_of
@@ -413,6 +413,7 @@ def resume_sweep(target: str, address: str | None = None, log: Log = print, allo
             raise ConfigError(f"{saved}: names the Optuna study {others[0].removeprefix('sqlite:///')}, not this "
                               f"folder's {STUDY_FILE} (saved before a sweep folder could be moved or copied); "
                               f"resume it where it was made")
+    remove_dead_temps_below(folder)  # e.g. a checkpoint's, left when its storage turned read-only under a write
     with in_launch_dir(folder, log), resuming(folder):
         return _resume(folder, cfg, address, log)
 

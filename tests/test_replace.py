@@ -185,6 +185,26 @@ def test_a_sigkilled_writer_leaves_no_file_and_the_next_write_removes_its_tempor
     assert (folder / "result.json").read_text() == "old"
 
 
+def test_a_resume_removes_dead_temporaries_in_folders_never_written_again(tmp_path):
+    """A checkpoint folder whose temporary could not be removed (its storage turned read-only under the write) is
+    never written again: `remove_dead_temps_below`, which `sweep resume` runs over the sweep folder, removes it and
+    leaves a live writer's alone."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(child.stdout)
+    deep = tmp_path / "trial_x" / "checkpoint_000000"
+    deep.mkdir(parents=True)
+    live = tio.owned_sibling(deep / "state.pt", "tmp")
+    dead = deep / live.name.replace(f".{os.getpid()}-", f".{dead_pid}-")
+    dead_dir = tmp_path / dead.name.replace("state.pt", "trial_y")
+    for p in (live, dead):
+        p.write_bytes(b"half")
+    dead_dir.mkdir()
+    (dead_dir / "inner").write_text("x")
+    tio.remove_dead_temps_below(tmp_path)
+    assert sorted(p.name for p in deep.iterdir()) == [live.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial_x"]
+
+
 def test_a_live_writers_temporary_is_left_alone(tmp_path):
     """The clean-up removes only the temporaries of processes that have exited."""
     fs = _atomic_fs()

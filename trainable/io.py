@@ -113,6 +113,13 @@ def remove_dead_temps(folder: str | Path) -> None:
         _remove(tmp)
 
 
+def remove_dead_temps_below(root: str | Path) -> None:
+    """`remove_dead_temps` in `root` and every folder under it: for a folder that is never written again, such as
+    a checkpoint whose temporary file could not be removed when its storage turned read-only."""
+    for folder, _, _ in os.walk(root):
+        remove_dead_temps(folder)  # a removed temporary folder is then skipped by os.walk (its scandir fails)
+
+
 # ----------------------------------------------------------------------------- swapping two names at once
 
 
