@@ -80,9 +80,10 @@ def test_the_cluster_refuses_a_driver_with_a_wrong_or_no_token(cluster, tmp_path
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
     wrong.chmod(0o600)
+    # A refused driver retries, about a second each, 20 times by default: 2 say the same (RAY_NUM_REDIS_GET_RETRIES).
     for env in ({**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)},
                 {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}):
-        r = _connect(cluster, env)
+        r = _connect(cluster, {**env, "RAY_NUM_REDIS_GET_RETRIES": "2"})
         assert r.returncode > 0 and "CONNECTED" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
         assert "token" in r.stderr.lower(), r.stderr[-2000:]
 
