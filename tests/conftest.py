@@ -114,6 +114,24 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """The `sweep` CLI's `main` in this process, its output captured: what `run_cli` returns, without a fresh
+    interpreter's start-up and Ray's or torch's imports (seconds a call). For commands that start no Ray, whose
+    separate process is not what the test checks; `run_cli` where it is."""
+    import contextlib
+    import io
+
+    from sweep.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["sweep", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def prepared(nsmc_dir, cache_dir, tmp_path_factory):
     """(config, Prepared) for the small config: corpus, encodings, tiny teacher and its logits, made once."""

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, run_cli, run_main, small_config
 from test_sweep import _epochs_by_trial, _tree
 
 
@@ -336,7 +336,7 @@ def test_pickles_that_run_code_are_refused(tmp_path):
     (export / "tokenizer.json").write_text("{}")
     with open(export / "student.pt", "wb") as f:
         pickle.dump(_RunsCode(), f)
-    r = run_cli("predict", str(export), "text")
+    r = run_main("predict", str(export), "text")
     assert r.returncode == 2 and "not a plain state dict" in r.stderr
     assert not Path("/tmp/kd-pwned").exists()
 

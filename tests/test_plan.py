@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from sweep.config import ConfigError, load_config, load_space_for
 from trainable.memory import GiB, MiB, estimate_trial_memory, student_params, trials_per_gpu
 
@@ -173,7 +173,7 @@ def test_plan_prints_trials_epochs_and_time_then_uses_its_calibration_cache(make
     raw = yaml.safe_load(cfg.read_text())
     cfg.write_text(yaml.safe_dump({**raw, "cache_dir": str(tmp_path / "cache")}))  # an empty calibration cache
     t0 = time.perf_counter()
-    first = run_cli("plan", str(cfg))
+    first = run_main("plan", str(cfg))
     first_s = time.perf_counter() - t0
     assert first.returncode == 0, first.stderr
     out = first.stdout
@@ -188,7 +188,7 @@ def test_plan_prints_trials_epochs_and_time_then_uses_its_calibration_cache(make
     assert json.loads((tmp_path / "cache" / "calibration.json").read_text())["entries"]
 
     t0 = time.perf_counter()
-    second = run_cli("plan", str(cfg))
+    second = run_main("plan", str(cfg))
     second_s = time.perf_counter() - t0
     assert second.returncode == 0, second.stderr
     assert "(cached, through the real training loop)" in second.stdout and "timing" not in second.stderr
@@ -202,7 +202,7 @@ def test_plan_prints_trials_epochs_and_time_then_uses_its_calibration_cache(make
 ])
 def test_plan_bad_input_exits_2_with_one_line(make_config, args, expected):
     cfg = make_config(sweep={"space": PLAN_SPACE})
-    r = run_cli("plan", *[str(cfg) if a == "CFG" else a for a in args])
+    r = run_main("plan", *[str(cfg) if a == "CFG" else a for a in args])
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.stderr

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, kill_driver, run_cli
+from conftest import ROOT, kill_driver, run_cli, run_main
 
 # A 1-layer BERT of 2 heads x 16 dims on 1,350 training reviews of at most 32 tokens: about a second an epoch.
 SMALL = {"n_layer": 1, "n_head": 2, "d_head": 16, "vocab_size": 1000, "max_length": 32, "pretrain_steps": 20,
@@ -81,7 +81,7 @@ def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_class
     assert f"| 1 | Transformer {best['trial_id']} | bert | 1 | 2 | 16 | 1000 |" in report
 
     out = tmp_path / "teacher"
-    r = run_cli("export", str(folder), "--out", str(out))
+    r = run_main("export", str(folder), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "export.json"} <= {
         p.name for p in out.iterdir()}
@@ -95,7 +95,7 @@ def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_class
                        student={"embedding_dim": 16, "hidden_dim": 16}, train={"epochs": 1, "threads": 1})
     del classify["transformer"], classify["data"]["transfer_file"]  # no transfer set: the labelled rows only
     (tmp_path / "kd.yaml").write_text(yaml.safe_dump(classify))
-    r = run_cli("train", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "kd"))
+    r = run_main("train", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "kd"))
     assert r.returncode == 0, r.stderr[-3000:]
     teacher = json.loads((tmp_path / "kd" / "result.json").read_text())["teacher"]
     assert teacher["paths"] and math.isclose(teacher["val_acc"], best["best_val_acc"], abs_tol=1e-6)

@@ -144,7 +144,7 @@ def test_a_task_defined_in_a_test_file_alone_is_swept_by_the_cli(tmp_path):
 
 
 def _killed_and_resumed(cfg, folder):
-    """Run the sweep, SIGKILL its driver (and Ray's workers) once two trials have results, `sweep resume` it, and
+    """Run the sweep, SIGKILL its driver (and Ray's workers) once two trials have a result row, `sweep resume` it, and
     return trials.parquet's rows."""
     import os
     import subprocess
@@ -157,11 +157,10 @@ def _killed_and_resumed(cfg, folder):
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(folder.glob("trial_*/result.json"))) < 2:
+    while time.time() < deadline and sum(f.stat().st_size > 0 for f in folder.glob("trial_*/result.json")) < 2:
         assert proc.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.5)
-    time.sleep(1.0)
-    kill_driver(proc)
+        time.sleep(0.2)
+    kill_driver(proc)  # once two trials have a result row in storage: an event, not a sleep
     r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(folder)
@@ -175,7 +174,7 @@ def _killed_and_resumed(cfg, folder):
 def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(nsmc_dir, tmp_path, capsys):
     import json
 
-    from conftest import run_cli
+    from conftest import run_main
 
     space = {"parameters": {"train.lr": {"type": "categorical", "choices": [0.0001, 0.003]},
                             "lm.hidden_dim": {"type": "categorical", "choices": [16, 48]}}}
@@ -194,10 +193,10 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
     assert "| best val_bpc | Test PPL |" in report
 
     out = tmp_path / "lm_export"
-    r = run_cli("export", str(folder), "--out", str(out))
+    r = run_main("export", str(folder), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"lm.pt", "tokenizer.json", "config.json"}
-    r = run_cli("predict", str(out), "정말 재밌는 영화", "ㅁㄴㅇㄹ 쀍쀍 ㅋ")
+    r = run_main("predict", str(out), "정말 재밌는 영화", "ㅁㄴㅇㄹ 쀍쀍 ㅋ")
     assert r.returncode == 0, r.stderr[-3000:]
     scored = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert len(scored) == 2 and all(s["ppl"] > 1.0 for s in scored)
@@ -227,7 +226,7 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
                                 "init_from": str(out)},
                        train={"epochs": 1, "alpha": 1.0, "threads": 1})
     (tmp_path / "student.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_cli("train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "student"))
+    r = run_main("train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "student"))
     assert r.returncode == 0 and "initialised embedding and forward LSTM" in r.stderr, r.stderr[-3000:]
     assert json.loads(r.stdout)["val_acc"] > 0.5
 
@@ -257,7 +256,7 @@ def test_lm_bits_per_character_count_every_character_at_any_vocab_size(nsmc_dir)
 def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_reads(nsmc_dir, tmp_path):
     import json
 
-    from conftest import run_cli
+    from conftest import run_main
 
     space = {"parameters": {"train.lr": {"type": "categorical", "choices": [0.0002, 0.005]},
                             "tagger.hidden_dim": {"type": "categorical", "choices": [16, 48]}}}
@@ -276,9 +275,9 @@ def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_rea
     assert "metric val_acc (max)" in report and "| Rank | Model | vocab size | embedding dim | hidden dim |" in report
 
     out = tmp_path / "tag_export"
-    r = run_cli("export", str(folder), "--out", str(out))
+    r = run_main("export", str(folder), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("predict", str(out), "영화가 정말 재밌다")
+    r = run_main("predict", str(out), "영화가 정말 재밌다")
     assert r.returncode == 0, r.stderr[-3000:]
     tokens = json.loads(r.stdout)["tokens"]
     assert [f for f, _ in tokens][:2] == ["영화", "가"] and all(t in vocab["tags"] for _, t in tokens)

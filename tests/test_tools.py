@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, run_cli, run_main, small_config
 
 SPACE = {"parameters": {"student.hidden_dim": {"type": "int", "low": 16, "high": 32},
                         "train.lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}}
@@ -40,7 +40,7 @@ def tools_sweep(nsmc_dir, cache_dir, tmp_path_factory):
     r = run_cli("run", str(tmp / "sweep.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     folder, model = tmp / "results" / "tools", tmp / "best"
-    r = run_cli("export", str(folder), "--out", str(model), "--int8")
+    r = run_main("export", str(folder), "--out", str(model), "--int8")
     assert r.returncode == 0, r.stderr[-3000:]
     return {"folder": folder, "model": model, "tmp": tmp, "export_stderr": r.stderr}
 
@@ -68,14 +68,14 @@ def _labels(stdout: str) -> list[int]:
 def test_predict_file_and_stdin_give_the_labels_of_text_arguments(tools_sweep, reviews, tmp_path, monkeypatch):
     texts = [t for t in reviews.texts[:40] if t.strip() and not t.startswith("-")]
     model = str(tools_sweep["model"])
-    by_args = run_cli("predict", model, *texts)
+    by_args = run_main("predict", model, *texts)
     assert by_args.returncode == 0, by_args.stderr
     expected = _labels(by_args.stdout)
     assert [json.loads(ln)["text"] for ln in by_args.stdout.splitlines()] == texts  # input order, not length order
 
     lines = tmp_path / "reviews.txt"
     lines.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    by_file = run_cli("predict", model, "--file", str(lines), "--batch-size", "7")  # several sorted batches
+    by_file = run_main("predict", model, "--file", str(lines), "--batch-size", "7")  # several sorted batches
     assert by_file.returncode == 0, by_file.stderr
     assert _labels(by_file.stdout) == expected
     assert "samples/s" in by_file.stderr.strip().splitlines()[-1]
@@ -100,7 +100,7 @@ def test_predict_file_and_stdin_give_the_labels_of_text_arguments(tools_sweep, r
 
 def test_evaluate_accuracy_equals_the_one_recomputed_from_predict(tools_sweep, reviews, tmp_path, capsys):
     tsv = _write_tsv(tmp_path / "test.tsv", reviews.texts, reviews.labels)
-    r = run_cli("evaluate", str(tools_sweep["model"]), str(tsv), "--json")
+    r = run_main("evaluate", str(tools_sweep["model"]), str(tsv), "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     from sweep.cli import main

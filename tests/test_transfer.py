@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import run_cli, small_config
+from conftest import run_cli, run_main, small_config
 from trainable.config import ExperimentConfig, TeacherConfig
 from trainable.data import NO_LABEL, DataError, augment_texts, load_corpus, read_texts
 from trainable.losses import distillation_loss
@@ -224,7 +224,7 @@ def test_exported_student_teaches_the_next_stage(nsmc_dir, tmp_path):
 ])
 def test_bad_teacher_lists_exit_2(make_config, tmp_path, teacher, expected):
     path = make_config(teacher=teacher)
-    r = run_cli("train", str(path), "--out", str(tmp_path / "out"))
+    r = run_main("train", str(path), "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
@@ -233,7 +233,7 @@ def test_bad_teacher_lists_exit_2(make_config, tmp_path, teacher, expected):
 
 def test_missing_transfer_file_exits_2_and_leaves_nothing(make_config, tmp_path):
     path = make_config(data={"transfer_file": "no-such-file.txt"}, teacher=NGRAM, train={"alpha": 0.5})
-    r = run_cli("train", str(path), "--out", str(tmp_path / "out"))
+    r = run_main("train", str(path), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: data.transfer_file: no-such-file.txt not found")
     assert not (tmp_path / "out").exists()
@@ -241,7 +241,7 @@ def test_missing_transfer_file_exits_2_and_leaves_nothing(make_config, tmp_path)
     raw["data"]["transfer_file"] = str(tmp_path / "bad.parquet")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     path.write_text(yaml.safe_dump(raw))
-    r = run_cli("train", str(path), "--out", str(tmp_path / "out"))
+    r = run_main("train", str(path), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "bad.parquet: expected a Parquet file" in r.stderr
 
 

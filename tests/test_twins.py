@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, kill_driver, run_cli, small_config
+from conftest import ROOT, kill_driver, run_cli, run_main, small_config
 from trainable.tasks.classify import TASK as CLASSIFY
 
 # ----------------------------------------------------------------------------- selection and gain, no Ray
@@ -329,7 +329,7 @@ def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir
         gain = 100 * (sum(runs) / 2 - sum(twins) / 2)
         assert cells[fid].startswith(f"{gain:+.2f} pt ±"), (cells[fid], gain)
     _check_tensorboard(folder, rows)
-    again = run_cli("report", str(folder))  # builds the report again: the KD gain is not written twice
+    again = run_main("report", str(folder))  # builds the report again: the KD gain is not written twice
     assert again.returncode == 0, again.stderr[-3000:]
     _check_tensorboard(folder, rows)
     best = next(ln for ln in report.splitlines() if ln.startswith("- best:"))
