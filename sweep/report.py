@@ -356,7 +356,7 @@ def _plots(folder: Path, rows: list[dict], metric: str, mode: str, log: Callable
             fig, ax = plt.subplots(figsize=(7, 0.4 * len(imp) + 1.2))
             names = list(imp)[::-1]
             ax.barh(names, [imp[n] for n in names], color="tab:green")
-            ax.set_xlabel("importance (fANOVA)")
+            ax.set_xlabel("importance (PED-ANOVA, Optuna's default evaluator)")
             ax.set_title("Hyperparameter importance")
             fig.tight_layout()
             _save_png(fig, folder / "importance.png")
