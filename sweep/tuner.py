@@ -47,7 +47,14 @@ def init_ray(address: str | None, dashboard: bool, log: Log) -> None:
         return
     if address:
         log(f"ray: connecting to {address}")
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        except ConnectionError as e:  # nothing there, or it refused us (a token it does not accept)
+            said = [ln.strip() for ln in str(e.__cause__ or "").splitlines() if ln.strip()]
+            cause = f" ({said[-1]})" if said else ""  # the cause's last line: why (a traceback's text before it)
+            raise ConfigError(f"sweep.address: cannot connect to the Ray cluster at {address}: {e}{cause}; is it "
+                              f"running, and is this machine's Ray token the cluster's? (`ray status` on its head)"
+                              ) from None
         return
     from ray._private import ray_constants
 
