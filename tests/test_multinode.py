@@ -72,9 +72,10 @@ def _connect(cluster, env: dict) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "", e.stderr or "")
 
 
-def test_the_cluster_refuses_a_driver_with_a_wrong_or_no_token(cluster, tmp_path):
+def test_the_cluster_refuses_a_driver_with_a_wrong_or_no_token(cluster, tmp_path, nsmc_dir, cache_dir):
     """Token authentication is on for the test cluster, not only configured: a driver with the cluster's token
-    joins, one with another token or with none is refused."""
+    joins, one with another token or with none is refused; `sweep run --address` with another token says so in one
+    line, exit 2, and makes no sweep folder."""
     ok = _connect(cluster, cluster.env)
     assert ok.returncode == 0 and "CONNECTED 2" in ok.stdout, ok.stderr[-2000:]
     wrong = tmp_path / "wrong_token"
@@ -86,6 +87,17 @@ def test_the_cluster_refuses_a_driver_with_a_wrong_or_no_token(cluster, tmp_path
         r = _connect(cluster, {**env, "RAY_NUM_REDIS_GET_RETRIES": "2"})
         assert r.returncode > 0 and "CONNECTED" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
         assert "token" in r.stderr.lower(), r.stderr[-2000:]
+
+    cfg_path = _config(nsmc_dir, cache_dir, tmp_path / "results")
+    quick = {"RAY_NUM_REDIS_GET_RETRIES": "1", "RAY_py_gcs_connect_timeout_s": "1",  # Ray's retries: ~4 s, not ~85
+             "RAY_gcs_server_request_timeout_seconds": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1"}
+    r = subprocess.run(["ip", "netns", "exec", cluster.head_ns, sys.executable, "-m", "sweep.cli", "run",
+                        str(cfg_path), "--address", cluster.address], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong), **quick})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith(f"error: sweep.address: cannot connect to the Ray cluster at "
+                                                 f"{cluster.address}: ") and "InvalidAuthToken" in last, r.stderr[-2000:]
+    assert not (tmp_path / "results" / "cluster").exists()
 
 
 def test_results_dir_that_a_node_cannot_see_is_refused(cluster, nsmc_dir, cache_dir):
