@@ -80,31 +80,40 @@ def make_config(nsmc_dir, cache_dir, tmp_path):
 
 
 def kill_driver(proc) -> None:
-    """SIGKILL a sweep driver started with start_new_session=True, then its whole process group (Ray's workers):
-    what a crash of the driver's machine would take down with it."""
+    """SIGKILL a sweep driver started with start_new_session=True and every process of its session: what a crash
+    of the driver's machine would take down with it. Not only its process group: Ray's raylet starts each worker
+    in a process group of its own (same session), and a worker that outlived the driver went on writing its
+    checkpoints into the sweep folder while the test read it (CI saw a resumed ASHA's rungs hold an epoch-1 result
+    the test's earlier read had not)."""
     import signal
     import time
 
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver leads its group: all of it at once, as a crash would
-    except ProcessLookupError:
-        pass
-    proc.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and _live_in_group(proc.pid):  # until the group is gone, not a fixed sleep
-        time.sleep(0.1)
+    while True:
+        members = _live_in_session(proc.pid)
+        if not members or time.time() > deadline:
+            break
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    proc.wait()
+    assert not _live_in_session(proc.pid), f"processes of the killed sweep still run: {_live_in_session(proc.pid)}"
 
 
-def _live_in_group(pgid: int) -> bool:
-    """Whether a process of group `pgid` still runs (a zombie waiting for its reaper does not)."""
+def _live_in_session(sid: int) -> list[int]:
+    """The processes of session `sid` that still run (a zombie waiting for its reaper does not)."""
+    out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
