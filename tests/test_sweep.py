@@ -391,6 +391,19 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     time.sleep(1.5)  # let Ray's state snapshot catch up with some of it, not all
     kill_driver(proc)
     before = _epochs_by_trial(folder)
+    values_before = {}  # trial -> epoch -> val_acc, of the rows result.json holds (a line the kill cut is skipped)
+    for rfile in folder.glob("trial_*/result.json"):
+        rows_before = []
+        for ln in rfile.read_text().splitlines():
+            try:
+                rows_before.append(json.loads(ln))
+            except json.JSONDecodeError:
+                pass
+        if rows_before:
+            values_before[rows_before[-1]["trial_id"]] = {r["epoch"]: r["val_acc"] for r in rows_before}
+    from sweep.results import checkpoint_epoch, read_trials
+
+    saved_before = {t: checkpoint_epoch(folder / f"trial_{t}") for t in before}  # newest checkpoint's epoch
     finished_before = {t: e for t, e in before.items() if e[-1] >= 4}
     assert finished_before
 
@@ -451,8 +464,17 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     for t, epochs in after.items():
         # No epoch trained twice: an unfinished trial continues from its newest checkpoint on storage.
         assert epochs == sorted(set(epochs)), f"trial {t} restarted its epoch count: {epochs}"
+    # Unfinished trials continued where they were: their record (Ray's rows, else the newest checkpoint's history:
+    # sweep/results.py, what the report and trials.parquet read) keeps every epoch reported before the crash, with
+    # its value, and goes on from there, each epoch once. (Ray's own result.json can lose those rows: when its last
+    # saved state predates the trial's first checkpoint, Ray starts that file afresh, while the trial itself goes
+    # on from its checkpoint in storage. CI saw [3, 4] after [1].)
+    record = {rec.trial_id: rec.by_epoch for rec in read_trials(folder)}
     for t, epochs in before.items():
-        assert after[t][: len(epochs)] == epochs  # unfinished trials continued where they were
+        assert list(record[t]) == list(range(1, len(record[t]) + 1)) and list(record[t])[: len(epochs)] == epochs
+        assert {e: record[t][e]["val_acc"] for e in epochs} == {e: values_before[t][e] for e in epochs}, t
+        trained_after = [e for e in after[t] if e not in epochs]  # what the resumed run reported
+        assert not trained_after or trained_after[0] == saved_before[t] + 1, (t, saved_before[t], after[t])
     for row in rows:
         # Rows Ray had not yet copied to storage when the driver died come back from the checkpoint's history.
         assert len(row["val_acc_curve"]) == row["epochs"], row
