@@ -79,6 +79,13 @@ def make_config(nsmc_dir, cache_dir, tmp_path):
     return make
 
 
+# A Ray driver that cannot connect (nothing answers, or a token the cluster refuses) retries: about 85 s here with
+# Ray's defaults (20 tries and their timeouts), about 4 s with these. Ray reads them when first imported, so they
+# go in the environment of a process of its own. Tests of a refusal use them; the refusal itself is the same.
+RAY_GIVES_UP_FAST = {"RAY_NUM_REDIS_GET_RETRIES": "1", "RAY_py_gcs_connect_timeout_s": "1",
+                     "RAY_gcs_server_request_timeout_seconds": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1"}
+
+
 def kill_driver(proc) -> None:
     """SIGKILL a sweep driver started with start_new_session=True and every process of its session: what a crash
     of the driver's machine would take down with it. Not only its process group: Ray's raylet starts each worker

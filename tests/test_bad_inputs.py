@@ -71,11 +71,10 @@ def test_results_dir_under_a_file_is_refused(nsmc_dir, tmp_path, capsys):
 
 def test_a_ray_address_nobody_answers_is_one_line(nsmc_dir, tmp_path):
     """`sweep run --address` where no Ray cluster listens: one line naming sweep.address, exit 2, no sweep folder.
-    A process of its own: Ray reads its retries and timeouts when first imported. Ray's defaults take about 85 s to
-    give up here; the test's take about 4 s."""
+    A process of its own, with Ray's retries shortened (conftest.RAY_GIVES_UP_FAST)."""
     import socket
 
-    from conftest import run_cli
+    from conftest import RAY_GIVES_UP_FAST, run_cli
 
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -85,9 +84,7 @@ def test_a_ray_address_nobody_answers_is_one_line(nsmc_dir, tmp_path):
                     "searcher": "grid"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = run_cli("run", str(path), "--address", f"127.0.0.1:{port}", env={"RAY_NUM_REDIS_GET_RETRIES": "1", "RAY_py_gcs_connect_timeout_s": "1",
-                                                                       "RAY_gcs_server_request_timeout_seconds": "1",
-                                                                       "RAY_gcs_rpc_server_connect_timeout_s": "1"})
+    r = run_cli("run", str(path), "--address", f"127.0.0.1:{port}", env=RAY_GIVES_UP_FAST)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith(f"error: sweep.address: cannot connect to the Ray cluster at "
                                                  f"127.0.0.1:{port}: "), r.stderr[-2000:]

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, small_config
+from conftest import RAY_GIVES_UP_FAST, ROOT, small_config
 from netns_cluster import _sh, remove_hosts, two_hosts
 
 SSHD = "/usr/sbin/sshd"
@@ -182,7 +182,7 @@ def test_ray_up_local_yaml_job_submit_and_ray_down(nsmc_dir, cache_dir, tmp_path
         r = subprocess.run(["ip", "netns", "exec", hosts.client_ns, sys.executable, "-c", probe], capture_output=True,
                            text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token",
                                                         "RAY_AUTH_TOKEN": "not-the-cluster-token",
-                                                        "RAY_NUM_REDIS_GET_RETRIES": "2"})  # 2 tries, not 20 s
+                                                        **RAY_GIVES_UP_FAST})
         assert r.returncode != 0 and "JOINED" not in r.stdout and "token" in (r.stdout + r.stderr).lower(), r
 
         tunnel = hosts.client(["ray", "dashboard", str(cluster_yaml)], "ray-dashboard", wait=False)

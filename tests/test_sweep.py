@@ -278,10 +278,17 @@ def test_existing_sweep_name_is_refused(sweep):
 
 
 def _val_acc_by_epoch(folder: Path) -> dict[str, dict[int, float]]:
+    """trial -> epoch -> val_acc of the rows each result.json holds (an empty file, or a line a kill cut, skipped)."""
     out = {}
     for rfile in folder.glob("trial_*/result.json"):
-        rows = [json.loads(ln) for ln in rfile.read_text().splitlines() if ln.strip()]
-        out[rows[-1]["trial_id"]] = {r["epoch"]: r["val_acc"] for r in rows}
+        rows = []
+        for ln in rfile.read_text().splitlines():
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError:
+                pass
+        if rows:
+            out[rows[-1]["trial_id"]] = {r["epoch"]: r["val_acc"] for r in rows}
     return out
 
 
@@ -391,16 +398,7 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     time.sleep(1.5)  # let Ray's state snapshot catch up with some of it, not all
     kill_driver(proc)
     before = _epochs_by_trial(folder)
-    values_before = {}  # trial -> epoch -> val_acc, of the rows result.json holds (a line the kill cut is skipped)
-    for rfile in folder.glob("trial_*/result.json"):
-        rows_before = []
-        for ln in rfile.read_text().splitlines():
-            try:
-                rows_before.append(json.loads(ln))
-            except json.JSONDecodeError:
-                pass
-        if rows_before:
-            values_before[rows_before[-1]["trial_id"]] = {r["epoch"]: r["val_acc"] for r in rows_before}
+    values_before = _val_acc_by_epoch(folder)
     from sweep.results import checkpoint_epoch, read_trials
 
     saved_before = {t: checkpoint_epoch(folder / f"trial_{t}") for t in before}  # newest checkpoint's epoch
