@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -193,14 +194,18 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(nsmc_dir, cache_dir,
     run = find_run(folder, victim["trial"])  # the retry wrote into the run the first attempt began
     steps = _tb_steps(run, "val/acc")
     assert len(list(run.glob("events.*"))) == 2  # killed, then retried
-    # A checkpoint counts for Ray once its report reaches the driver: the newest one, written just before the kill,
-    # may still be in flight, and the retry then starts from the one before it (its epoch is trained twice). A
-    # restart from scratch would repeat epoch 1, which the victim (killed after >= 2 checkpoints) never does.
-    last = victim["epochs"][-1]
-    assert sorted(steps) in ([1, 2, 3, 4, 5], sorted([1, 2, 3, 4, 5, last])), (victim, steps)
-    after_kill = set(range(victim["epochs"][-1] + 1, 6))
-    assert epochs[-1] == 5 and set(epochs) >= after_kill, (victim, epochs)
-    assert all(epochs.count(e) == 1 for e in epochs if e != last), (victim, epochs)  # (the in-flight one, see above)
+    # What a restart from scratch would do, and a retry from a checkpoint never does: train epoch 1 again. Which
+    # epochs are trained twice depends on timing the test cannot pin: the trial goes on between the look and the kill
+    # (CI: seen with 2 checkpoints, killed after logging epoch 3), a step is logged before its checkpoint is written,
+    # and a checkpoint counts for Ray only once its report reaches the driver, so the retry can start from the one
+    # before the newest. The repeats are at most two, after epoch 1 and after the epochs seen checkpointed minus one.
+    counts = Counter(steps)
+    repeated = sorted(e for e, n in counts.items() if n > 1)
+    assert set(counts) == {1, 2, 3, 4, 5} and max(counts.values()) <= 2, (victim, steps)
+    assert counts[1] == 1 and len(repeated) <= 2, (victim, steps)
+    assert all(e >= victim["epochs"][-1] for e in repeated), (victim, steps)
+    assert epochs[-1] == 5 and set(epochs) >= set(range(max(repeated, default=5) + 1, 6)), (victim, epochs)
+    assert all(epochs.count(e) == 1 for e in epochs if e not in repeated), (victim, epochs, steps)
     assert "recovered after:" in (retried[0]["warnings"] or ""), retried[0]  # the death is kept, as a warning
 
 
