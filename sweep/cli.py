@@ -20,10 +20,12 @@ Bad input exits with status 2 and one line on stderr; nothing is created or over
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -361,5 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `sweep` command (and `python -m sweep.cli`): `main`, then out with its status. Once the output is
+    flushed and the exit handlers have run (Ray's shutdown, logging's flush, weakref finalizers, temporary folders),
+    the process leaves without the interpreter's teardown, which clears the module graph torch, Ray and the rest
+    loaded: about 1 s after every command here, a refusal's as much as a sweep's. When a thread that is no daemon
+    still runs, Python's own exit waits for it as always. An exception that escapes `main` ends as it always has."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # noqa: SLF001  (what the interpreter runs first when it exits)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -70,3 +70,31 @@ def test_unreadable_config_exits_2(tmp_path):
     bad.write_text("train: {epochs: 3\n")
     r = run_cli("train", str(bad))
     assert r.returncode == 2 and "malformed YAML" in r.stderr
+
+
+def test_the_command_leaves_after_the_exit_handlers_and_waits_for_a_working_thread(tmp_path):
+    """`sweep` leaves without the interpreter's teardown (sweep.cli.entry), but only once its output is out and the
+    exit handlers have run (Ray's shutdown is one); a thread that is no daemon and still works is waited for, as
+    Python always does. Both with the exit status of the command (a refusal here: 2)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    marker = tmp_path / "thread-done"
+    code = f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from sweep.cli import entry
+atexit.register(lambda: print("exit handler ran", flush=True))
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), Path({str(marker)!r}).write_text("done"))).start()
+sys.argv = ["sweep", "plan", {str(tmp_path / "missing.yaml")!r}]
+entry()
+"""
+    for case in ("plain", "thread"):
+        r = subprocess.run([sys.executable, "-c", code, case], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (case, r.stderr[-2000:])
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.yaml" in r.stderr, r.stderr
+        assert r.stdout == "exit handler ran\n", (case, r.stdout)
+    assert marker.read_text() == "done"
