@@ -14,6 +14,11 @@ from .config import Config
 # report, the scheduler's replay and the TensorBoard run names (sweep/tb.py).
 ROLE, OF = "kd_role", "kd_of"
 
+# FinalistSearch's decisions (sweep/ray_search.py), in the sweep folder: the finalists (best first) and the
+# reruns/twins of each; the expected-trial count and the report read it instead of choosing the finalists again
+# (here, not beside FinalistSearch, so that `sweep report` and `export` read it without importing Ray Tune).
+FINALISTS_FILE = "finalists.json"
+
 
 def num_samples(cfg: Config, space) -> int:
     """Search trials: `sweep.num_samples`, else the whole grid (grid searcher) or 16."""

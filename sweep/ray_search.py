@@ -21,7 +21,7 @@ from ray.tune.utils.util import flatten_dict, merge_dicts
 
 from trainable.tasks import has_twin
 
-from .counts import OF, ROLE, constraint_values, is_feasible, is_finished
+from .counts import FINALISTS_FILE, OF, ROLE, constraint_values, is_feasible, is_finished
 from .samplers import RAY_TRIAL_ATTR
 from .tb import trial_number
 
@@ -224,10 +224,6 @@ class KDOptunaSearch(OptunaSearch):
 
 
 # ----------------------------------------------------------------------------- finalists and their twins
-
-# FinalistSearch's decisions, in the sweep folder: the finalists (best first) and the reruns/twins of each; the
-# expected-trial count and the report read it instead of choosing the finalists again.
-FINALISTS_FILE = "finalists.json"
 
 
 def is_extra(trial) -> bool:

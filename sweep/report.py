@@ -23,7 +23,7 @@ from trainable.memory import fmt_bytes
 from trainable.tasks import DEFAULT_TASK, fmt_number, is_builtin
 
 from .config import SECOND_OBJECTIVE, Config, ConfigError, load_space_for, metric_of, validate
-from .counts import constraint_values, is_feasible, is_finished
+from .counts import FINALISTS_FILE, constraint_values, is_feasible, is_finished
 from .results import ray_statuses, read_trials
 from .tb import write_kd_gains
 
@@ -218,7 +218,6 @@ def finalists(rows: list[dict], cfg: Config, folder: Path | None = None) -> list
     `folder`). A sweep saved before that file existed: the trials the reruns and twins name, plus, once those exist,
     the `sweep.twins` best finished search trials by the sweep's metric (a finalist with alpha 1 has no twin, and
     with one seed nothing names it). A sweep with no reruns or twins (older, or `twins: 0`) has none."""
-    from .ray_search import FINALISTS_FILE
 
     seeds = cfg.sweep.finalist_seeds
     metric, mode = metric_of(cfg)
