@@ -121,6 +121,9 @@ def test_bad_teacher_sources(tmp_path, monkeypatch):
                       "the cached files.\nCheck your internet connection (Failed to connect)")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # The first call that reaches for the hub is AutoConfig's (the head check); faking only the tokenizer's left
+    # the real one to retry an unreachable hub for 23 s (1 + 2 + 4 + 8 + 8 s) before it failed the same way.
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", down)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", down)
     with pytest.raises(TeacherError, match="cannot load 'some-org/some-model'") as e:
         load_pretrained("some-org/some-model", 2)
