@@ -132,8 +132,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
     """The `sweep` CLI's `main` in this process, its output captured: what `run_cli` returns, without a fresh
-    interpreter's start-up and Ray's or torch's imports (seconds a call). For commands that start no Ray, whose
-    separate process is not what the test checks; `run_cli` where it is."""
+    interpreter's start-up and Ray's or torch's imports (seconds a call). For commands whose separate process is not
+    what the test checks; `run_cli` where it is. A `sweep run` or `resume` here needs the `local_ray` fixture."""
     import contextlib
     import io
 
@@ -156,3 +156,24 @@ def prepared(nsmc_dir, cache_dir, tmp_path_factory):
 
     cfg = ExperimentConfig.model_validate(small_config(nsmc_dir, cache_dir, tmp_path_factory.mktemp("r")))
     return cfg, prepare(cfg, lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """The local Ray node that `sweep run` starts (sweep.tuner.init_ray: 127.0.0.1 only), started once in this test
+    process and shared by the sweeps that run in it (`run_main`): `sweep run` finds Ray started and uses it, as the
+    GPU check's driver does for its sweeps (bench/gpu_check.py). Each sweep would otherwise start and stop a Ray of
+    its own, about 5 s and 3 CPU-seconds. Its CPUs and GPUs as Ray counts them. The sweeps whose test is about the
+    process (the sockets its Ray opens, a SIGKILL, Ctrl-C, a full disk, a move) run the CLI in a process of their
+    own (`run_cli`, Popen), with a Ray of their own."""
+    import ray
+
+    from sweep.tuner import init_ray
+
+    assert not ray.is_initialized()
+    init_ray(None, False, lambda msg: None)
+    try:
+        res = ray.cluster_resources()
+        yield {"CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
+    finally:
+        ray.shutdown()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run_cli, small_config
+from conftest import run_main, small_config
 
 # The limit splits the grid by embedding size, whatever the tokenizer's real vocabulary V (300 <= V <= 2000):
 # embedding 8 is under 18k parameters (70 KiB; V is at most the configured 2000), embedding 64 at least 64 V (75 KiB
@@ -26,7 +26,7 @@ GRID = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": 
 
 
 @pytest.fixture(scope="module")
-def constrained(nsmc_dir, cache_dir, tmp_path_factory):
+def constrained(nsmc_dir, cache_dir, tmp_path_factory, local_ray):
     tmp = tmp_path_factory.mktemp("constrained")
     cfg = small_config(nsmc_dir, cache_dir, tmp / "results", train={"epochs": 2, "threads": 1, "alpha": 1.0, "lr": 0.01},
                        data={"train_rows": 1500, "test_rows": 500})
@@ -35,7 +35,7 @@ def constrained(nsmc_dir, cache_dir, tmp_path_factory):
                     "scheduler": {"kind": "none"}, "twins": 0, "resources": {"cpu": 1},
                     "constraints": {"size_kb": SIZE_KB, "latency_ms": LATENCY_MS}}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_cli("run", str(tmp / "sweep.yaml"))
+    r = run_main("run", str(tmp / "sweep.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     folder = tmp / "results" / "constrained"
     rows = pq.read_table(folder / "trials.parquet").to_pylist()

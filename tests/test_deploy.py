@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run_cli, small_config
+from conftest import run_main, small_config
 
 # Four students of different sizes, so the front (accuracy up, parameters down) has a choice to make.
 GRID = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [8, 32]},
@@ -20,7 +20,7 @@ GRID = {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": 
 
 
 @pytest.fixture(scope="module")
-def deploy_sweep(nsmc_dir, cache_dir, tmp_path_factory):
+def deploy_sweep(nsmc_dir, cache_dir, tmp_path_factory, local_ray):
     tmp = tmp_path_factory.mktemp("deploy")
     cfg = small_config(nsmc_dir, cache_dir, tmp / "results", train={"epochs": 2, "threads": 1, "alpha": 1.0, "lr": 0.01},
                        data={"train_rows": 1500, "test_rows": 500})
@@ -28,7 +28,7 @@ def deploy_sweep(nsmc_dir, cache_dir, tmp_path_factory):
     cfg["sweep"] = {"space": GRID, "searcher": "grid", "objectives": "accuracy_and_size", "max_concurrent": 2,
                     "scheduler": {"kind": "none"}, "twins": 0, "resources": {"cpu": 1}}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_cli("run", str(tmp / "sweep.yaml"))
+    r = run_main("run", str(tmp / "sweep.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     folder = tmp / "results" / "deploy"
     rows = pq.read_table(folder / "trials.parquet").to_pylist()

@@ -44,12 +44,12 @@ FAILING = {"parameters": {"case": {"type": "categorical", "choices": {
 }}}}
 
 
-def test_failing_trials_are_recorded_and_the_sweep_completes(nsmc_dir, cache_dir, tmp_path):
+def test_failing_trials_are_recorded_and_the_sweep_completes(nsmc_dir, cache_dir, tmp_path, local_ray):
     """Trials that fail (NaN loss, out of memory) are recorded and the others finish. The sweep asks half a GPU
     with `gpu_fallback` on a machine Ray counts no GPU on: it runs on CPU, as asked (the finished trials prove it
     trained, since a sweep whose trials all error still exits 0)."""
     cfg = sweep_config(tmp_path, nsmc_dir, cache_dir, "faulty", FAILING, resources={"gpu": 0.5, "gpu_fallback": True})
-    r = run_cli("run", str(cfg))
+    r = run_main("run", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "running on CPU (gpu_fallback)" in r.stderr, r.stderr[-2000:]
     folder = tmp_path / "results" / "faulty"
@@ -266,24 +266,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.fixture(scope="module")
-def local_ray_resources():
-    """The local Ray node that `sweep run` starts here (sweep.tuner.init_ray, 127.0.0.1), started once in this
-    process for the refusals below, and its CPUs and GPUs as Ray counts them, so the expectations hold on a laptop,
-    on a 64-core box and on a GPU machine alike. `sweep run` in this process finds Ray started and uses it."""
-    import ray
-
-    from sweep.tuner import init_ray
-
-    assert not ray.is_initialized()
-    init_ray(None, False, lambda msg: None)
-    try:
-        res = ray.cluster_resources()
-        yield {"CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
-    finally:
-        ray.shutdown()
-
-
 def _too_much(kind: str, have: dict) -> tuple[dict, str]:
     """A per-trial request one past what the node has, and the refusal it must get."""
     cpu, gpu = have["CPU"], have["GPU"]
@@ -297,12 +279,11 @@ def _too_much(kind: str, have: dict) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("kind", ["gpu fraction", "gpus", "cpu"])
-def test_resources_no_node_has_are_refused_before_launch(nsmc_dir, cache_dir, tmp_path, kind, local_ray_resources,
-                                                         capsys):
-    """In-process `sweep run` (its Ray started once by the fixture): the refusal comes from asking Ray."""
+def test_resources_no_node_has_are_refused_before_launch(nsmc_dir, cache_dir, tmp_path, kind, local_ray, capsys):
+    """In-process `sweep run` (on the session's local Ray): the refusal comes from asking Ray."""
     from sweep.cli import main
 
-    resources, expected = _too_much(kind, local_ray_resources)
+    resources, expected = _too_much(kind, local_ray)
     cfg = sweep_config(tmp_path, nsmc_dir, cache_dir, "greedy", SMALL, resources=resources)
     assert main(["run", str(cfg)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -310,10 +291,10 @@ def test_resources_no_node_has_are_refused_before_launch(nsmc_dir, cache_dir, tm
     assert not (tmp_path / "results" / "greedy").exists()
 
 
-def test_grid_with_a_continuous_space_is_refused_by_the_cli(nsmc_dir, cache_dir, tmp_path):
+def test_grid_with_a_continuous_space_is_refused_by_the_cli(nsmc_dir, cache_dir, tmp_path, local_ray):
     cfg = sweep_config(tmp_path, nsmc_dir, cache_dir, "badgrid",
                        {"parameters": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
-    r = run_cli("run", str(cfg))
+    r = run_main("run", str(cfg))
     assert r.returncode == 2 and "grid search needs" in r.stderr
     assert not (tmp_path / "results" / "badgrid").exists()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, small_config
+from conftest import run_main, small_config
 from trainable.tasks.classify import TASK as CLASSIFY
 
 # ----------------------------------------------------------------------------- fit: the best epoch of its metric
@@ -220,7 +220,7 @@ def _first_best(by_epoch: dict[int, dict], key: str, mode: str) -> int:
 
 
 def test_a_val_loss_sweep_exports_the_best_val_loss_epoch_of_the_best_val_loss_trial(nsmc_dir, cache_dir,
-                                                                                        tmp_path):
+                                                                                        tmp_path, local_ray):
     from sweep.export import export_best
     from trainable.tasks.classify import load_exported
     from sweep.ray_search import FINALISTS_FILE
@@ -235,7 +235,7 @@ def test_a_val_loss_sweep_exports_the_best_val_loss_epoch_of_the_best_val_loss_t
                     "scheduler": {"kind": "none"}, "resources": {"cpu": 1}, "twins": 1, "finalist_seeds": 2}
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(raw))
-    r = run_cli("run", str(path))
+    r = run_main("run", str(path))
     folder = tmp_path / "results" / "m"
 
     search, extra = {}, {}

@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from conftest import run_cli, run_main
+from conftest import run_main
 from sweep.config import ConfigError, load_config, load_space_for
 from trainable.memory import GiB, MiB, estimate_trial_memory, student_params, trials_per_gpu
 
@@ -208,11 +208,11 @@ def test_plan_bad_input_exits_2_with_one_line(make_config, args, expected):
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.stderr
 
 
-def test_run_prints_the_plan_and_gpu_auto_runs_on_cpu_without_a_gpu(make_config, tmp_path):
+def test_run_prints_the_plan_and_gpu_auto_runs_on_cpu_without_a_gpu(make_config, tmp_path, local_ray):
     cfg = make_config(train={"epochs": 1, "batch_size": 64, "threads": 1, "alpha": 1.0},
                       sweep={"num_samples": 1, "twins": 0, "resources": {"gpu": "auto"},
                              "space": {"parameters": {"student.hidden_dim": {"type": "categorical", "choices": [16]}}}})
-    r = run_cli("run", str(cfg))
+    r = run_main("run", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     plan = [ln for ln in r.stderr.splitlines() if ln.startswith("plan: ")]
     assert "plan: 1 search + 0 finalist trials, 1 trial-epochs expected with ASHA (1 at most)" in plan[-2]

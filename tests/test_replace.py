@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, run_main, small_config
 
 from sweep.cli import main
 from trainable import io as tio
@@ -255,23 +255,23 @@ def test_run_force_interrupted_before_it_starts_puts_the_old_sweep_back(tmp_path
     assert [p.name for p in old.parent.iterdir()] == ["s"]  # no set-aside copy, no partial new one
 
 
-def test_run_force_that_fails_a_later_check_puts_the_old_sweep_back(tmp_path, nsmc_dir, cache_dir):
+def test_run_force_that_fails_a_later_check_puts_the_old_sweep_back(tmp_path, nsmc_dir, cache_dir, local_ray):
     """`sweep run --force` asking for more CPUs than the node has: refused after Ray started (exit 2); the old sweep
     is back with its files, and nothing of the new one remains."""
     cfg = _sweep_config(tmp_path, nsmc_dir, cache_dir, resources={"cpu": 10000})
     old = _old_sweep(tmp_path)
     before = _tree(old)
-    r = run_cli("run", str(cfg), "--force")
+    r = run_main("run", str(cfg), "--force")
     assert r.returncode == 2 and "10000 CPUs per trial asked" in r.stderr, r.stderr[-2000:]
     assert _tree(old) == before
     assert [p.name for p in old.parent.iterdir()] == ["s"]
 
 
 @pytest.mark.slow
-def test_run_force_that_starts_replaces_the_old_sweep(tmp_path, nsmc_dir, cache_dir):
+def test_run_force_that_starts_replaces_the_old_sweep(tmp_path, nsmc_dir, cache_dir, local_ray):
     cfg = _sweep_config(tmp_path, nsmc_dir, cache_dir)
     old = _old_sweep(tmp_path)
-    r = run_cli("run", str(cfg), "--force")
+    r = run_main("run", str(cfg), "--force")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (old / "trial_old").exists() and (old / "optuna.db").is_file() and (old / "report.md").is_file()
     assert [p.name for p in old.parent.iterdir()] == ["s"]  # the old copy deleted, not left aside

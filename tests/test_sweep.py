@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, kill_driver, run_cli, small_config
+from conftest import ROOT, kill_driver, run_cli, run_main, small_config
 
 SPACE = {"parameters": {
     "student.hidden_dim": {"type": "int", "low": 8, "high": 64, "log": True},
@@ -270,9 +270,9 @@ def test_export_and_predict(sweep, tmp_path, nsmc_dir):
     assert again.returncode == 2  # not overwritten without --force
 
 
-def test_existing_sweep_name_is_refused(sweep):
+def test_existing_sweep_name_is_refused(sweep, local_ray):
     before = (sweep["folder"] / "trials.parquet").read_bytes()
-    r = run_cli("run", str(sweep["config"]))
+    r = run_main("run", str(sweep["config"]))
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (sweep["folder"] / "trials.parquet").read_bytes() == before
 

@@ -29,7 +29,7 @@ SPACE = {"parameters": {"student.hidden_dim": {"type": "int", "low": 16, "high":
 
 
 @pytest.fixture(scope="module")
-def tools_sweep(nsmc_dir, cache_dir, tmp_path_factory):
+def tools_sweep(nsmc_dir, cache_dir, tmp_path_factory, local_ray):
     """A 2-trial sweep without a teacher (alpha 1), exported with --int8."""
     tmp = tmp_path_factory.mktemp("tools")
     cfg = small_config(nsmc_dir, cache_dir, tmp / "results", train={"epochs": 2, "threads": 1, "alpha": 1.0})
@@ -37,7 +37,7 @@ def tools_sweep(nsmc_dir, cache_dir, tmp_path_factory):
     cfg["sweep"] = {"space": SPACE, "seed": 0, "num_samples": 2, "max_concurrent": 2, "scheduler": {"kind": "none"},
                     "resources": {"cpu": 1}}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_cli("run", str(tmp / "sweep.yaml"))
+    r = run_main("run", str(tmp / "sweep.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     folder, model = tmp / "results" / "tools", tmp / "best"
     r = run_main("export", str(folder), "--out", str(model), "--int8")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import run_cli, run_main, small_config
+from conftest import run_main, small_config
 from trainable.config import ExperimentConfig, TeacherConfig
 from trainable.data import NO_LABEL, DataError, augment_texts, load_corpus, read_texts
 from trainable.losses import distillation_loss
@@ -246,7 +246,7 @@ def test_missing_transfer_file_exits_2_and_leaves_nothing(make_config, tmp_path)
 
 
 @pytest.mark.slow
-def test_sweep_over_transfer_rows(make_config, tmp_path, transfer_file):
+def test_sweep_over_transfer_rows(make_config, tmp_path, transfer_file, local_ray):
     """A real sweep: the transfer set is prepared once for the most rows any trial takes, and each trial trains on
     its own `data.transfer_rows` (recorded per epoch); a no-teacher trial trains on the labelled rows alone."""
     import json
@@ -257,7 +257,7 @@ def test_sweep_over_transfer_rows(make_config, tmp_path, transfer_file):
                        train={"epochs": 1}, sweep={"space": space, "searcher": "grid", "scheduler": {"kind": "none"},
                                                   "twins": 0,
                                                   "max_concurrent": 2})
-    r = run_cli("run", str(path))
+    r = run_main("run", str(path))
     assert r.returncode == 0, r.stderr[-3000:]
     folder = tmp_path / "results" / "t"
     assert json.loads((folder / "teacher.json").read_text())["transfer_rows"] == 300

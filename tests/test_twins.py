@@ -304,9 +304,9 @@ def _check_tensorboard(folder: Path, rows: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir, cache_dir, tmp_path):
+def test_sweep_trains_finalist_reruns_and_twins_and_reports_the_kd_gain(nsmc_dir, cache_dir, tmp_path, local_ray):
     cfg = _config(tmp_path, nsmc_dir, cache_dir, "twins")
-    r = run_cli("run", str(cfg))
+    r = run_main("run", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 search trials" in r.stderr and "then up to 6 finalist trials" in r.stderr
     folder = tmp_path / "results" / "twins"
