@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, run_main, small_config
+from conftest import ROOT, run_main, small_config
 from test_sweep import _epochs_by_trial, _tree
 
 
@@ -102,7 +102,7 @@ def _newest_checkpoint_epoch(trial_dir: Path) -> int:
     return max(epochs, default=0)
 
 
-def test_ctrl_c_saves_state_and_resume_survives_a_corrupt_checkpoint(nsmc_dir, cache_dir, tmp_path):
+def test_ctrl_c_saves_state_and_resume_survives_a_corrupt_checkpoint(nsmc_dir, cache_dir, tmp_path, local_ray):
     # Interrupted at epoch 2 or 3 of a trial. That trial goes on while Ray saves its state one last time: with 4
     # epochs it could finish first (CI saw it once), with 6 it is still unfinished when the sweep stops.
     epochs = 6
@@ -132,7 +132,7 @@ def test_ctrl_c_saves_state_and_resume_survives_a_corrupt_checkpoint(nsmc_dir, c
         state = ckpt / "state.pt"
         state.write_bytes(state.read_bytes()[:100])
 
-    r = run_cli("resume", str(folder))
+    r = run_main("resume", str(folder))  # in this process, on its local Ray
     assert r.returncode == 0, r.stderr[-3000:]
     rows = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(row["status"] == "finished" for row in rows)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, run_main, small_config
 from test_faults import SMALL, _wait_for
 from test_sweep import _epochs_by_trial
 
@@ -49,7 +49,8 @@ def test_storage_probe_names_a_full_or_read_only_results_folder(tmp_path):
 
 @pytest.mark.needs(None if os.geteuid() == 0 else "a full disk or read-only mount is simulated with mount(8): needs root")
 @pytest.mark.parametrize("fault", ["disk full", "read-only"])
-def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsmc_dir, cache_dir, tmp_path, fault):
+def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsmc_dir, cache_dir, tmp_path, fault,
+                                                                            local_ray):
     """The results folder fills up (a 64 MB tmpfs, filled to the last byte) or turns read-only (a read-only bind
     mount over it) while trials run: the sweep stops with one line and exit 1, Ray's saved state and the
     checkpoints stay readable, and once the storage is fixed `sweep resume` finishes every trial."""
@@ -124,7 +125,7 @@ def test_storage_that_fails_mid_sweep_stops_it_loudly_and_resume_finishes_it(nsm
             (store / "filler").unlink()
         else:
             subprocess.run(["umount", str(mounts.pop())], check=True)
-        r = run_cli("resume", str(folder))
+        r = run_main("resume", str(folder))  # in this process, on its local Ray
         assert r.returncode == 0, r.stderr[-3000:]
         rows = pq.read_table(folder / "trials.parquet").to_pylist()
         assert len(rows) == 4 and {row["status"] for row in rows} == {"finished"}, rows

@@ -382,7 +382,8 @@ def _epochs_by_trial(folder: Path) -> dict[str, list[int]]:
     return out
 
 
-def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir, cache_dir, tmp_path):
+def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir, cache_dir, tmp_path, local_ray,
+                                                                        monkeypatch):
     cfg = write_sweep_config(tmp_path / "k.yaml", nsmc_dir, cache_dir, "killed", num_samples=8, epochs=4)
     folder = tmp_path / "results" / "killed"
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -452,7 +453,8 @@ def test_sigkilled_driver_is_resumed_without_losing_or_rerunning_trials(nsmc_dir
     empty.on_trial_add(None, newcomer)
     assert empty.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": below}) == "CONTINUE"
 
-    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    r = run_main("resume", str(folder))  # in this process, on its local Ray: the killed driver left nothing here
     assert r.returncode == 0, r.stderr[-3000:]
     after = _epochs_by_trial(folder)
     rows = pq.read_table(folder / "trials.parquet").to_pylist()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, kill_driver, run_cli, run_main
+from conftest import ROOT, kill_driver, run_main
 
 # A 1-layer BERT of 2 heads x 16 dims on 1,350 training reviews of at most 32 tokens: about a second an epoch.
 SMALL = {"n_layer": 1, "n_head": 2, "d_head": 16, "vocab_size": 1000, "max_length": 32, "pretrain_steps": 20,
@@ -35,7 +35,8 @@ def _config(nsmc_dir, tmp_path, **sections) -> dict:
 
 
 def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_classify_run_loads(nsmc_dir, tmp_path,
-                                                                                                capsys):
+                                                                                                capsys, local_ray,
+                                                                                                monkeypatch):
     # lr 1e-5 learns nothing in 3 epochs, 3e-3 reaches ~0.7 by epoch 1. The grid's order is fixed by sweep.seed
     # (seed 0: both lr 3e-3 trials first), so an lr 1e-5 trial meets a better result at epoch 1 and ASHA stops it.
     space = {"parameters": {"train.lr": {"type": "categorical", "choices": [0.00001, 0.003]},
@@ -55,7 +56,8 @@ def test_transformer_sweep_survives_a_sigkill_and_exports_a_teacher_that_a_class
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.2)
     kill_driver(proc)  # once two trials have a result row in storage: an event, not a sleep
-    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    r = run_main("resume", str(folder))  # in this process, on its local Ray: the killed driver left nothing here
     assert r.returncode == 0, r.stderr[-3000:]
 
     rows = pq.read_table(folder / "trials.parquet").to_pylist()

@@ -143,15 +143,15 @@ def test_a_task_defined_in_a_test_file_alone_is_swept_by_the_cli(tmp_path):
     assert "| 1 | toy " + best["trial_id"] in report
 
 
-def _killed_and_resumed(cfg, folder):
-    """Run the sweep, SIGKILL its driver (and Ray's workers) once two trials have a result row, `sweep resume` it, and
-    return trials.parquet's rows."""
+def _killed_and_resumed(cfg, folder, monkeypatch):
+    """Run the sweep, SIGKILL its driver (and Ray's workers) once two trials have a result row, `sweep resume` it (in
+    this process: needs the `local_ray` fixture), and return trials.parquet's rows."""
     import os
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT, kill_driver, run_cli
+    from conftest import ROOT, kill_driver, run_main
 
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(cfg)], cwd=ROOT, env=env,
@@ -161,7 +161,8 @@ def _killed_and_resumed(cfg, folder):
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.2)
     kill_driver(proc)  # once two trials have a result row in storage: an event, not a sleep
-    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    r = run_main("resume", str(folder))  # in this process, on its local Ray: the killed driver left nothing here
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(folder)
     assert len(rows) == 4 and all(r["status"] in ("finished", "stopped_early") for r in rows)
@@ -171,7 +172,8 @@ def _killed_and_resumed(cfg, folder):
     return rows
 
 
-def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(nsmc_dir, tmp_path, capsys):
+def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(nsmc_dir, tmp_path, capsys, local_ray,
+                                                                               monkeypatch):
     import json
 
     from conftest import run_main
@@ -183,7 +185,7 @@ def test_lm_sweep_survives_a_driver_sigkill_and_exports_a_model_predict_reads(ns
                         lm={"vocab_size": 800, "rows": 1500, "val_rows": 300, "test_rows": 300, "embedding_dim": 16,
                             "max_length": 32})
     folder = tmp_path / "results" / "lm"
-    rows = _killed_and_resumed(cfg, folder)
+    rows = _killed_and_resumed(cfg, folder, monkeypatch)
     for row in rows:
         curve = row["val_bpc_curve"]
         assert all(math.isfinite(v) and 0 < v < 16 for v in curve)  # bits per character of Korean text
@@ -253,7 +255,8 @@ def test_lm_bits_per_character_count_every_character_at_any_vocab_size(nsmc_dir)
     assert lengths[300] > 1.2 * lengths[3000]  # the smaller vocabulary cuts the same text into more tokens
 
 
-def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_reads(nsmc_dir, tmp_path):
+def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_reads(nsmc_dir, tmp_path, local_ray,
+                                                                                   monkeypatch):
     import json
 
     from conftest import run_main
@@ -265,7 +268,7 @@ def test_tagger_sweep_survives_a_driver_sigkill_and_exports_a_tagger_predict_rea
                         tagger={"vocab_size": 3000, "rows": 2000, "val_rows": 300, "test_rows": 300,
                                 "embedding_dim": 32})
     folder = tmp_path / "results" / "tag"
-    rows = _killed_and_resumed(cfg, folder)
+    rows = _killed_and_resumed(cfg, folder, monkeypatch)
     assert {"best_val_acc", "test_acc", "val_acc_curve", "hp.tagger.hidden_dim"} <= set(rows[0])
     best = max(rows, key=lambda r: r["best_val_acc"])
     assert best["best_val_acc"] > 0.7  # token accuracy; predicting the most common tag gets about 0.2

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, kill_driver, run_cli, run_main, small_config
+from conftest import ROOT, kill_driver, run_main, small_config
 from trainable.tasks.classify import TASK as CLASSIFY
 
 # ----------------------------------------------------------------------------- selection and gain, no Ray
@@ -356,7 +356,8 @@ def _roles(folder: Path) -> dict[Path, str]:
 
 
 @pytest.mark.slow
-def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cache_dir, tmp_path):
+def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cache_dir, tmp_path, local_ray,
+                                                                   monkeypatch):
     epochs = 3
     cfg = _config(tmp_path, nsmc_dir, cache_dir, "killed", epochs=epochs, twins=1)
     folder = tmp_path / "results" / "killed"
@@ -379,7 +380,8 @@ def test_sigkilled_driver_during_finalist_trials_resumes_them_once(nsmc_dir, cac
         made = sorted(int(c.name.removeprefix("checkpoint_")) for c in d.glob("checkpoint_*"))
         assert made == list(range(len(made))), (d.name, made)
 
-    r = run_cli("resume", str(folder), env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    r = run_main("resume", str(folder))  # in this process, on its local Ray: the killed driver left nothing here
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _check_finalist_trials(folder, epochs=epochs, twins=1)  # one finalist: a rerun, two twins, none twice
     assert len(rows) == 7
