@@ -22,6 +22,20 @@ def pytest_configure(config):
                             "drop out of the run")
 
 
+# The files with the slowest tests, slowest first (by `--durations` of CI runs): they run first, so that no worker is
+# left with one of them at the end while the other has nothing to do. pytest-xdist hands whole files to its workers
+# in collection order (`--no-loadscope-reorder` in pyproject.toml; its default puts the files with the most tests
+# first, which put these last). A file not named here keeps its place after them.
+SLOW_FILES_FIRST = ("test_faults.py", "test_tasks.py", "test_faults_storage.py", "test_sweep.py", "test_twins.py",
+                    "test_inert.py", "test_multinode.py", "test_task_transformer.py", "test_ray_up.py",
+                    "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (a stable sort: within a file, as written)
+
+
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs"):
         why_not = mark.args[0] if mark.args else None
