@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 from ray.tune.experiment.config_parser import _create_trial_from_spec
-from ray.tune.search import Searcher, SearchGenerator
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.variant_generator import _resolve_nested_dict, format_vars
 from ray.tune.utils.util import flatten_dict, merge_dicts
@@ -22,6 +22,7 @@ from ray.tune.utils.util import flatten_dict, merge_dicts
 from trainable.tasks import has_twin
 
 from .counts import FINALISTS_FILE, OF, ROLE, constraint_values, is_feasible, is_finished
+from .results import ray_statuses
 from .samplers import RAY_TRIAL_ATTR
 from .tb import trial_number
 
@@ -102,6 +103,13 @@ class FolderSearchGenerator(SearchGenerator):
         # (sweep/report.py leaves the dead one out); its number is not given again, so the two keep two runs.
         self._next_number = max([state.get("next_number", self._counter)]
                                 + [n + 1 for n in _numbers_in(_resumed_folder)])
+        if _resumed_folder is not None:
+            # The searcher's state can be newer than Ray's trials saved beside it: a trial suggested just before
+            # the driver died is live to the searcher but not among the trials Ray restores, so it never ends,
+            # and with max_concurrent trials live the search waited for it forever (CI: a tagger sweep resumed
+            # to "0 running" and hung). Its suggestion goes to the next trial made, which takes its place in the
+            # count (and its Optuna trial, still running, with the same parameters).
+            self._counter -= forget_unrestored(self.searcher, set(ray_statuses(_resumed_folder)))
         storage = getattr(self._experiment, "storage", None)  # also the experiment's spec["storage"]
         if _resumed_folder is not None and storage is not None:
             storage.storage_fs_path = str(_resumed_folder.parent)
@@ -119,6 +127,22 @@ class FolderSearchGenerator(SearchGenerator):
             from trainable.io import write_json
 
             write_json(Path(dirpath) / FINALISTS_FILE, decisions)
+
+
+def forget_unrestored(searcher, restored: set[str]) -> int:
+    """Forget, in a searcher chain (FinalistSearch, Ray's ConcurrencyLimiter, KDOptunaSearch), the live trials
+    that are not in `restored` (the trial ids Ray restores), each suggestion kept for the next trial suggested.
+    Returns how many were forgotten."""
+    if isinstance(searcher, FinalistSearch):
+        return searcher.forget(restored)
+    if isinstance(searcher, ConcurrencyLimiter):
+        gone = {t for t in searcher.live_trials if t not in restored}
+        searcher.live_trials -= gone
+        searcher.num_unfinished_live_trials -= len(gone)
+        if isinstance(searcher.searcher, KDOptunaSearch):
+            searcher.searcher.requeue(gone)
+        return len(gone)
+    return 0
 
 
 def _numbers_in(folder: Path | None) -> list[int]:
@@ -171,7 +195,15 @@ class KDOptunaSearch(OptunaSearch):
                 self._ot_study.set_metric_names([self._metric] if isinstance(self._metric, str)
                                                 else list(self._metric))
 
+    def requeue(self, trial_ids: set[str]) -> None:
+        """Ray trials that a resumed driver does not restore (see forget_unrestored): each one's Optuna trial, still
+        running, goes to the next trial suggested, which gets the same parameters."""
+        gone = [t for t in sorted(trial_ids) if t in self._ot_trials and t not in self._completed_trials]
+        self._requeued = getattr(self, "_requeued", []) + [self._ot_trials.pop(t) for t in gone]
+
     def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and getattr(self, "_requeued", None):
+            self._ot_trials[trial_id] = self._requeued.pop(0)  # (Ray's suggest asks Optuna only for a new id)
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:  # the study names its Ray trial: `sweep export --trial NUMBER` goes by it
@@ -316,9 +348,24 @@ class FinalistSearch(Searcher):
             return None
         self.extra[trial_id] = False
         cfg = self.queue.pop(0)
+        self.issued = {**getattr(self, "issued", {}), trial_id: cfg}  # (a state saved before had none)
         if hasattr(self, "roles"):  # (a state saved before the decisions file has none)
             self.roles[trial_id] = {"role": cfg[ROLE], "of": cfg[OF]}
         return cfg
+
+    def forget(self, restored: set[str]) -> int:
+        """forget_unrestored for this wrapper: a search trial Ray does not restore leaves `configs` (and the wrapped
+        searcher requeues its suggestion); an extra trial goes back to the front of the queue."""
+        for t in [t for t in self.configs if t not in restored and t not in self.done]:
+            del self.configs[t]
+        n = forget_unrestored(self.searcher, restored)
+        issued = getattr(self, "issued", {})
+        for t in [t for t, complete in self.extra.items() if not complete and t not in restored and t in issued]:
+            del self.extra[t]
+            getattr(self, "roles", {}).pop(t, None)
+            self.queue.insert(0, issued.pop(t))
+            n += 1
+        return n
 
     def decisions(self) -> dict | None:
         """Who the finalists are (best first), the extra trials planned for them, and which issued trial is a rerun
