@@ -361,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output left (`sweep predict ... | head`): stop without a traceback, as Python's docs
+        # advise for EPIPE; what is left to write goes to /dev/null, so the flush on the way out cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def entry() -> None:

@@ -65,6 +65,24 @@ def _labels(stdout: str) -> list[int]:
     return [json.loads(ln)["label"] for ln in stdout.splitlines()]
 
 
+def test_predict_into_a_pipe_whose_reader_leaves_stops_without_a_traceback(tools_sweep, reviews, tmp_path):
+    """`sweep predict MODEL --file F | head -1`: the reader leaves after the first line; predict stops with exit 1
+    and no traceback (a BrokenPipeError's, before), whatever output it had left."""
+    texts = [t for t in reviews.texts if t.strip()]
+    lines = tmp_path / "many.txt"
+    lines.write_text("\n".join(texts * 20) + "\n", encoding="utf-8")  # ~6000 lines: more than a pipe buffers
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "predict", str(tools_sweep["model"]), "--file",
+                             str(lines)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["text"] == texts[0]
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 1, err[-3000:]
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
+
+
 def test_predict_file_and_stdin_give_the_labels_of_text_arguments(tools_sweep, reviews, tmp_path, monkeypatch):
     texts = [t for t in reviews.texts[:40] if t.strip() and not t.startswith("-")]
     model = str(tools_sweep["model"])
