@@ -355,6 +355,9 @@ _NOT_ATOMIC_ON_PURPOSE = {
     ("trainable/adapter.py", "task_trainable", "write_text"):
         "the .not_retryable marker: its existence is the signal (the retry fails at once); a cut write shortens only "
         "the reason it repeats",
+    ("sweep/cli.py", "main", "open"):
+        "os.open of /dev/null, to take stdout's leftover output once the pipe's reader left (BrokenPipeError); no "
+        "file of ours is written",
     ("trainable/data.py", "download_nsmc", "open"):
         "the download is written under its own temporary name (.NAME.download), checked, then renamed",
     ("trainable/loop.py", "_open_writer", "SummaryWriter"):
